@@ -191,7 +191,7 @@ def materialize(base: Base, tree: Path) -> Path:
     git(tree, "tag", "base")
     patches = series()
     if patches:
-        git(tree, "am", "-q", "--keep-cr", *map(str, patches))
+        git(tree, "am", "-q", "--keep-cr", "--keep-non-patch", *map(str, patches))
     with exclude.open("a") as f:
         for relative in overlay_roots():
             link = tree / relative
@@ -213,7 +213,7 @@ def export(tree: Path, destination: Path) -> list[str]:
     for old in destination.glob("*.patch"):
         old.unlink()
     output = git(
-        tree, "format-patch", "--quiet", "--zero-commit", "--no-signature",
+        tree, "format-patch", "--zero-commit", "--no-signature",
         "--no-numbered", f"--unified={PATCH_CONTEXT_LINES}", "--abbrev=12",
         "-o", str(destination), "base..HEAD",
         capture=True,
