@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Import contracts between core and the bitsandbytes plugin.
+
+Core must not know the plugin; the plugin may use only public core API and
+must never assign onto vLLM modules or classes (no monkeypatching).
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = REPO / "vllm" / "plugins" / "bitsandbytes"
+PLUGIN_PACKAGE = "vllm.plugins.bitsandbytes"
+
+
+def plugin_modules() -> dict[str, ast.Module]:
+    return {path.name: ast.parse(path.read_text()) for path in PLUGIN.glob("*.py")}
+
+
+def core_imports(tree: ast.Module) -> list[tuple[str, str]]:
+    """(module, name) pairs the plugin imports from vLLM outside itself."""
+    pairs = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("vllm") and not node.module.startswith(
+                PLUGIN_PACKAGE
+            ):
+                pairs += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            pairs += [
+                (alias.name, "")
+                for alias in node.names
+                if alias.name.startswith("vllm")
+                and not alias.name.startswith(PLUGIN_PACKAGE)
+            ]
+    return pairs
+
+
+def test_core_never_imports_the_plugin():
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lint-imports"),
+            "--config",
+            str(REPO / "pyproject.toml"),
+        ],
+        cwd="/",  # analyse the installed fork, not the repository's vllm/
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_plugin_imports_only_public_core_api():
+    private = [
+        f"{file}: from {module} import {name}"
+        for file, tree in plugin_modules().items()
+        for module, name in core_imports(tree)
+        if any(part.startswith("_") for part in module.split("."))
+        or name.startswith("_")
+    ]
+    assert private == []
+
+
+def test_plugin_assigns_nothing_onto_vllm():
+    """Every attribute assignment targets an object the plugin created."""
+    violations = []
+    for file, tree in plugin_modules().items():
+        imported = {
+            alias.asname or alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+                targets = (
+                    node.targets if isinstance(node, ast.Assign) else [node.target]
+                )
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("setattr", "delattr")
+                and node.args
+            ):
+                targets = [ast.Attribute(value=node.args[0], attr="?")]
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute | ast.Subscript):
+                    root = root.value
+                if root is not target and isinstance(root, ast.Name):
+                    if root.id in imported:
+                        violations.append(
+                            f"{file}:{node.lineno} assigns onto {root.id}"
+                        )
+    assert violations == []
+
+
+def test_registration_is_cheap_and_idempotent():
+    code = (
+        "import sys\n"
+        "import vllm.plugins.bitsandbytes as plugin\n"
+        "plugin.register(); plugin.register()\n"
+        "from vllm.model_executor.layers.quantization import get_quantization_config\n"
+        "from vllm.model_executor.model_loader import get_model_loader\n"
+        "from vllm.config.load import LoadConfig\n"
+        "print(get_quantization_config('bitsandbytes').__module__)\n"
+        "print(type(get_model_loader(LoadConfig(load_format='bitsandbytes'))).__module__)\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    config_module, loader_module, imported = result.stdout.split()[-3:]
+    assert config_module.startswith(PLUGIN_PACKAGE)
+    assert loader_module.startswith(PLUGIN_PACKAGE)
+    assert imported == "False", "registration must not import bitsandbytes"
