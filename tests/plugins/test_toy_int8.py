@@ -1,0 +1,280 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A second, tiny out-of-tree quantization plugin runs on the same hooks.
+
+`tests/plugins/vllm_toy_int8` quantizes an unquantized checkpoint to int8
+with per-row scales while loading, into storage that interleaves scale rows
+with the weight rows, so core's weight loaders can only place its shards
+through the `shard_indexer` hook. It needs no change to core and nothing of
+bitsandbytes' shape (see docs/quantization_hooks.md).
+
+The real engine runs on CPU in subprocesses (toy_int8_engine.py), four engine
+starts in all. Every rank's storage (Llama at TP=1 and TP=2, Phi-3 with its
+fused qkv/gate_up at TP=2) must equal, byte for byte, the layout computed here
+from the checkpoint with this file's own quantizer, and the greedy tokens at
+TP=2 must equal those of the unquantized engine loading the dequantized
+weights.
+"""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.fixtures.checkpoints import get_checkpoint
+
+pytestmark = pytest.mark.engine
+
+HERE = Path(__file__).resolve().parent
+PLUGIN_DIR = HERE / "vllm_toy_int8"
+ENGINE_SCRIPT = HERE / "toy_int8_engine.py"
+
+PROMPTS = [[1, 12, 37, 99, 5], [1, 200, 3], [1, 7, 7, 7, 7, 7, 7], [1, 42, 64, 128]]
+MAX_TOKENS = 16
+ENGINE_TIMEOUT_S = 900
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # collective_rpc ships the storage-reading function to the workers.
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+TP2 = {"tensor_parallel_size": 2}
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+# The linear layers of a Llama-like layer: vLLM parameter -> the logical
+# shards stacked in it (checkpoint names) and the dim tensor parallelism
+# splits (0: column/merged/QKV, 1: row parallel).
+LINEAR_LAYERS = {
+    "self_attn.qkv_proj": (("q_proj", "k_proj", "v_proj"), 0),
+    "self_attn.o_proj": (("o_proj",), 1),
+    "mlp.gate_up_proj": (("gate_proj", "up_proj"), 0),
+    "mlp.down_proj": (("down_proj",), 1),
+}
+
+
+@pytest.fixture(scope="session")
+def toy_int8_plugin() -> None:
+    """Install the plugin package (editable) unless this one already is.
+
+    `./tools/setup` builds the environment without test plugins; installing
+    here keeps `python -m pytest` self-sufficient. `--no-build-isolation`
+    uses the environment's setuptools, so no network is needed.
+    """
+    try:
+        direct_url = importlib.metadata.distribution("vllm-toy-int8").read_text(
+            "direct_url.json"
+        )
+    except importlib.metadata.PackageNotFoundError:
+        direct_url = None
+    if direct_url and json.loads(direct_url).get("url") == PLUGIN_DIR.as_uri():
+        return
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
+        + ["--no-build-isolation", "-e", str(PLUGIN_DIR)],
+        check=True,
+    )
+
+
+def reference_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented quantizer: per row, scale = max|w| / 127 (1 if zero)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127
+    scale[scale == 0] = 1.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def reference_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One shard's storage: its int8 rows, then its scales' bytes, zero padded."""
+    width = q.shape[1]
+    raw = scale.numpy().astype("<f4").tobytes()
+    raw += bytes(-len(raw) % width)
+    scale_rows = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(-1, width)
+    return torch.cat([q, scale_rows])
+
+
+def logical_shards(model_dir: Path) -> dict[str, tuple[list[torch.Tensor], int]]:
+    """Checkpoint weights of every linear layer, split into logical shards.
+
+    Phi-3 stores qkv_proj and gate_up_proj fused; they are split here by the
+    config's sizes so both kinds of checkpoints yield the same shards.
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    tensors = load_file(model_dir / "model.safetensors")
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // config["num_attention_heads"]
+    )
+    fused_sizes = {
+        "self_attn.qkv_proj": [
+            config["num_attention_heads"] * head_dim,
+            config["num_key_value_heads"] * head_dim,
+            config["num_key_value_heads"] * head_dim,
+        ],
+        "mlp.gate_up_proj": [config["intermediate_size"]] * 2,
+    }
+    shards = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, (parts, split_dim) in LINEAR_LAYERS.items():
+            prefix = f"model.layers.{layer}.{name}"
+            fused = tensors.get(f"{prefix}.weight")
+            if fused is not None and len(parts) > 1:
+                weights = list(fused.split(fused_sizes[name]))
+            else:
+                module = prefix.rpartition(".")[0]
+                weights = [tensors[f"{module}.{part}.weight"] for part in parts]
+            shards[f"{prefix}.weight"] = (weights, split_dim)
+    return shards
+
+
+def expected_storage(
+    weights: list[torch.Tensor], split_dim: int, rank: int, tp: int
+) -> torch.Tensor:
+    """This rank's storage: per shard, its rows/columns of the whole-row quant."""
+    blocks = []
+    for weight in weights:
+        q, scale = reference_quantize(weight)
+        if split_dim == 0:
+            q, scale = q.chunk(tp)[rank], scale.chunk(tp)[rank]
+        else:
+            q = q.chunk(tp, dim=1)[rank]
+        blocks.append(reference_block(q, scale))
+    return torch.cat(blocks)
+
+
+def write_dequantized_checkpoint(model_dir: Path, out: Path) -> Path:
+    """Copy of an unfused checkpoint whose linear weights are dequantized."""
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(model_dir / "model.safetensors")
+    linear_parts = {p for parts, _ in LINEAR_LAYERS.values() for p in parts}
+    for name, weight in tensors.items():
+        if name.rsplit(".", 2)[-2] in linear_parts:
+            q, scale = reference_quantize(weight)
+            tensors[name] = (q.float() * scale[:, None]).to(weight.dtype)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def engine_case(name: str, model: Path, **llm_kwargs: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": str(model),
+        "llm_kwargs": {
+            "enforce_eager": True,
+            "max_model_len": 256,
+            "dtype": "bfloat16",
+            "seed": 0,
+            "skip_tokenizer_init": True,
+            **llm_kwargs,
+        },
+        "prompts": PROMPTS,
+        "max_tokens": MAX_TOKENS,
+    }
+
+
+def run_engine(cases: list[dict], out_dir: Path, env: dict[str, str]) -> None:
+    """Run cases in one engine subprocess; results land in `out_dir`."""
+    spec = out_dir / f"{cases[0]['name']}-spec.json"
+    spec.write_text(json.dumps({"cases": cases}))
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    full_env.update(ENGINE_ENV)
+    full_env.update(env)
+    log = out_dir / f"{cases[0]['name']}.log"
+    with log.open("w") as log_file:
+        subprocess.run(
+            [sys.executable, str(ENGINE_SCRIPT), str(spec), str(out_dir)],
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            timeout=ENGINE_TIMEOUT_S,
+            check=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def engine_runs(toy_int8_plugin, tmp_path_factory) -> Path:
+    """All engine runs of this module (four engine starts), done once."""
+    out = tmp_path_factory.mktemp("toy_int8")
+    llama, phi3 = get_checkpoint("llama"), get_checkpoint("phi3")
+    dequantized = write_dequantized_checkpoint(llama, out / "llama-dequantized")
+    run_engine([engine_case("llama-tp1", llama, quantization="toy_int8")], out, {})
+    run_engine(
+        [
+            engine_case("llama-tp2", llama, quantization="toy_int8", **TP2),
+            engine_case("llama-dequantized-tp2", dequantized, **TP2),
+            engine_case("phi3-tp2", phi3, quantization="toy_int8", **TP2),
+        ],
+        out,
+        TP2_ENV,
+    )
+    # The plugin filter excludes toy_int8: the engine must refuse to start.
+    run_engine(
+        [engine_case("disabled", llama, quantization="toy_int8")],
+        out,
+        {"VLLM_PLUGINS": "bitsandbytes"},
+    )
+    return out
+
+
+def result(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def tokens(out: Path, name: str) -> list[list[int]]:
+    run = result(out, name)
+    assert run["status"] == "ok", f"{name} failed: {run.get('error')}"
+    return run["token_ids"]
+
+
+@pytest.mark.parametrize(
+    ("case", "checkpoint", "tp"),
+    [("llama-tp1", "llama", 1), ("llama-tp2", "llama", 2), ("phi3-tp2", "phi3", 2)],
+)
+def test_storage_is_exact_per_rank(engine_runs: Path, case, checkpoint, tp) -> None:
+    """Each rank holds exactly its slice of the reference quantization."""
+    assert result(engine_runs, case)["status"] == "ok"
+    shards = logical_shards(get_checkpoint(checkpoint))
+    for rank in range(tp):
+        storage = load_file(engine_runs / f"{case}-rank{rank}.safetensors")
+        assert storage.keys() == shards.keys()
+        for name, (weights, split_dim) in shards.items():
+            expected = expected_storage(weights, split_dim, rank, tp)
+            actual = storage[name]
+            assert actual.shape == expected.shape, (rank, name)
+            wrong_rows = (actual != expected).any(dim=1).nonzero().flatten()
+            assert wrong_rows.numel() == 0, (
+                f"rank {rank} {name}: {wrong_rows.numel()} of {len(expected)} "
+                f"storage rows differ, first {wrong_rows[:8].tolist()}"
+            )
+
+
+def test_tokens_equal_dequantized_reference(engine_runs: Path) -> None:
+    """At TP=2, toy_int8 computes with exactly the dequantized weights."""
+    assert tokens(engine_runs, "llama-tp2") == tokens(
+        engine_runs, "llama-dequantized-tp2"
+    )
+
+
+def test_tp2_starts_like_tp1(engine_runs: Path) -> None:
+    """Scales are taken over whole rows, so TP=2 dequantizes to the same model.
+
+    Only the first token of each prompt is compared: TP=2 sums the row
+    parallel layers' bf16 partial products in another order, so later greedy
+    tokens of a random model may part at near ties (the unquantized engine's
+    do too). Exactness is what the storage and reference tests check.
+    """
+    tp1, tp2 = tokens(engine_runs, "llama-tp1"), tokens(engine_runs, "llama-tp2")
+    assert [t[0] for t in tp2] == [t[0] for t in tp1]
+
+
+def test_disabled_plugin_is_a_clear_error(engine_runs: Path) -> None:
+    run = result(engine_runs, "disabled")
+    assert run["status"] == "error"
+    assert "Unknown quantization method: toy_int8" in run["error"]
