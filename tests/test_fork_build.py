@@ -23,7 +23,8 @@ def installed_vllm_root() -> Path:
 
 
 def test_series_applies_and_reexports_identically():
-    subprocess.run([sys.executable, str(REPO / "tools" / "fork.py"), "check"], check=True)
+    fork_tool = REPO / "tools" / "fork.py"
+    subprocess.run([sys.executable, str(fork_tool), "check"], check=True)
 
 
 def test_installed_distribution_is_the_fork():

@@ -91,11 +91,12 @@ def test_plugin_assigns_nothing_onto_vllm():
                 root = target
                 while isinstance(root, ast.Attribute | ast.Subscript):
                     root = root.value
-                if root is not target and isinstance(root, ast.Name):
-                    if root.id in imported:
-                        violations.append(
-                            f"{file}:{node.lineno} assigns onto {root.id}"
-                        )
+                if (
+                    root is not target
+                    and isinstance(root, ast.Name)
+                    and root.id in imported
+                ):
+                    violations.append(f"{file}:{node.lineno} assigns onto {root.id}")
     assert violations == []
 
 

@@ -192,9 +192,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def run_one(case: dict[str, Any]) -> dict[str, Any]:
     """Start an engine for one case, digest its weights and generate."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
     from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     result: dict[str, Any] = {"status": "ok", "timings": {}}
     llm = None

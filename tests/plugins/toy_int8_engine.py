@@ -34,9 +34,9 @@ def int8_parameters(worker: Any) -> tuple[int, dict[str, torch.Tensor]]:
 def run_case(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Start the engine for one case, dump its int8 storage and generate."""
     from safetensors.torch import save_file
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     llm = None
     try:

@@ -16,7 +16,6 @@ def register() -> None:
         return
 
     from vllm.model_executor.layers.quantization import register_quantization_config
-
     from vllm_toy_int8.toy_int8 import NAME, ToyInt8Config
 
     register_quantization_config(NAME)(ToyInt8Config)

@@ -1,0 +1,198 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""The bitsandbytes `QuantizationConfig` and the checks every entry point shares."""
+
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.logger import init_logger
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig
+
+logger = init_logger(__name__)
+
+# The load format of the plugin's model loader, named as in vLLM before.
+LOAD_FORMAT = "bitsandbytes"
+SUPPORTED_4BIT_QUANT_TYPES = ("nf4", "fp4")
+
+
+@cache
+def require_bitsandbytes() -> None:
+    """Fail with an installable instruction unless a usable bitsandbytes exists.
+
+    Called before any weight is created or read, so a missing or old library
+    never leaves a half-loaded model behind.
+    """
+    from packaging import version
+
+    from vllm.platforms import current_platform
+
+    minimum = "0.49.2" if current_platform.is_rocm() else "0.48.1"
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            "bitsandbytes quantization needs the bitsandbytes package; install "
+            f"it with `pip install 'bitsandbytes>={minimum}'`."
+        ) from err
+    if version.parse(bitsandbytes.__version__) < version.parse(minimum):
+        raise ImportError(
+            f"bitsandbytes {bitsandbytes.__version__} is too old for vLLM's "
+            f"bitsandbytes quantization; upgrade with "
+            f"`pip install -U 'bitsandbytes>={minimum}'`."
+        )
+
+
+def checkpoint_quantization_config(model_config: "ModelConfig") -> dict | None:
+    """The `quantization_config` a checkpoint declares, None if unquantized."""
+    return model_config.model_arch_config.quantization_config
+
+
+@dataclass(eq=False)
+class BitsAndBytesConfig(QuantizationConfig):
+    """bitsandbytes 4-bit (NF4/FP4, QLoRA) and LLM.int8() quantization.
+
+    The fields are those of `transformers.BitsAndBytesConfig`, which a
+    pre-quantized checkpoint stores as its `quantization_config`; the defaults
+    describe what vLLM quantizes an unquantized checkpoint to.
+    See https://arxiv.org/abs/2305.14314 (QLoRA).
+    """
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = True
+    bnb_4bit_compute_dtype: str = "float32"
+    bnb_4bit_quant_storage: str = "uint8"
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    llm_int8_enable_fp32_cpu_offload: bool = False
+    llm_int8_has_fp16_weight: bool = False
+    llm_int8_skip_modules: list[str] = field(default_factory=list)
+    llm_int8_threshold: float = 6.0
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "bitsandbytes"
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if self.bnb_4bit_quant_storage != "uint8":
+            raise ValueError(
+                f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r} is not "
+                "supported; re-quantize the checkpoint with "
+                "bnb_4bit_quant_storage='uint8'."
+            )
+        if (
+            not self.load_in_8bit
+            and self.bnb_4bit_quant_type not in SUPPORTED_4BIT_QUANT_TYPES
+        ):
+            raise ValueError(
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not "
+                f"supported; use one of {', '.join(SUPPORTED_4BIT_QUANT_TYPES)}."
+            )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BitsAndBytesConfig":
+        """Build from a transformers `quantization_config` dict.
+
+        transformers writes `null` for unset fields, so a missing key and a
+        `None` value both keep the default; keys of other libraries' versions
+        of the config are ignored.
+        """
+        names = {setting.name for setting in fields(cls)}
+        return cls(
+            **{
+                name: value
+                for name, value in config.items()
+                if name in names and value is not None
+            }
+        )
+
+    @classmethod
+    def from_model_config(cls, model_config: "ModelConfig") -> "BitsAndBytesConfig":
+        """Quantize an unquantized checkpoint to 4 bits while it loads."""
+        return cls()
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # Pre-quantized checkpoints carry the config inside config.json.
+        return []
+
+    @classmethod
+    def get_required_load_format(cls) -> str:
+        return LOAD_FORMAT
+
+    @classmethod
+    def verify_model_config(cls, model_config: "ModelConfig") -> None:
+        """Check library and checkpoint early; keep 8-bit out of CUDA graphs.
+
+        bitsandbytes' LLM.int8() matmul keeps per-call state that CUDA graph
+        capture cannot replay, so 8-bit models always run eagerly.
+        """
+        require_bitsandbytes()
+        checkpoint_config = checkpoint_quantization_config(model_config)
+        if checkpoint_config is None:
+            return
+        # Validates the checkpoint's settings before any worker starts.
+        config = cls.from_config(checkpoint_config)
+        if config.load_in_8bit and not model_config.enforce_eager:
+            logger.warning(
+                "bitsandbytes 8-bit models cannot run under CUDA graphs; "
+                "falling back to eager mode."
+            )
+            model_config.enforce_eager = True
+
+    def get_quant_method(
+        self, layer: torch.nn.Module, prefix: str
+    ) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.linear import (
+            LinearBase,
+            UnquantizedLinearMethod,
+        )
+
+        if isinstance(layer, LinearBase):
+            if self.is_skipped(prefix):
+                return UnquantizedLinearMethod()
+            from vllm.plugins.bitsandbytes.linear import BitsAndBytesLinearMethod
+
+            return BitsAndBytesLinearMethod(self)
+        if isinstance(layer, RoutedExperts):
+            from vllm.plugins.bitsandbytes.moe import BitsAndBytesMoEMethod
+
+            return BitsAndBytesMoEMethod(self, layer.moe_config)
+        return None
+
+    def is_skipped(self, prefix: str) -> bool:
+        """Whether `llm_int8_skip_modules` keeps the layer at `prefix` unquantized.
+
+        An entry matches one dotted component of the prefix (`"lm_head"`) or a
+        leading run of components (`"model.vision_tower"`), as transformers
+        interprets the list.
+        """
+        parts = prefix.split(".")
+        leading = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        return any(
+            skip in parts or skip in leading for skip in self.llm_int8_skip_modules
+        )
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    def get_weight_byte_size(self) -> float:
+        return 1.0 if self.load_in_8bit else 0.5
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    def supports_any_weight_shape(self) -> bool:
+        return True

@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Model loader for `load_format="bitsandbytes"`.
+
+It reads a checkpoint three ways: an unquantized one is cut per tensor-parallel
+rank and quantized to 4 bits on the fly; a pre-quantized 4-bit or LLM.int8()
+checkpoint is copied as stored. The model's own `load_weights` places the
+tensors (through each parameter's `shard_indexer`); afterwards the collected
+quantization states are attached to the parameters that own them.
+
+Pre-quantized checkpoints are stored for a single rank. Loading them with
+tensor parallelism needs each rank's rows cut out of the packed bytes and the
+matching absmax blocks out of the state, on the same `RankSplit`s the
+in-flight path uses; until that exists they are refused before any weight is
+read.
+"""
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vllm.config import LoadConfig, ModelConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.plugins.bitsandbytes.config import (
+    checkpoint_quantization_config,
+    require_bitsandbytes,
+)
+
+if TYPE_CHECKING:
+    from vllm.plugins.bitsandbytes.checkpoint import CheckpointTensors
+    from vllm.plugins.bitsandbytes.layout import ModelLayout
+
+logger = init_logger(__name__)
+
+
+class BitsAndBytesModelLoader(BaseModelLoader):
+    """Loads weights into bitsandbytes storage and attaches their states."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        # Finding, downloading and iterating checkpoint files is exactly the
+        # default loader's job; only what happens to the tensors differs.
+        self._reader = DefaultModelLoader(
+            dataclasses.replace(load_config, load_format="hf")
+        )
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._reader.download_model(model_config)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        # Imported here, not at registration: they pull in the layer modules.
+        from vllm.plugins.bitsandbytes.layout import ModelLayout
+        from vllm.plugins.bitsandbytes.states import attach_quant_states
+
+        require_bitsandbytes()
+        checkpoint_config = checkpoint_quantization_config(model_config)
+        if checkpoint_config is not None:
+            method = checkpoint_config.get("quant_method")
+            if method != "bitsandbytes":
+                raise ValueError(
+                    f"The bitsandbytes loader cannot read a {method} checkpoint; "
+                    "load it without load_format='bitsandbytes'."
+                )
+            if get_tensor_model_parallel_world_size() > 1:
+                raise ValueError(
+                    "Pre-quantized bitsandbytes checkpoints cannot be loaded "
+                    "with tensor parallelism yet; use tensor_parallel_size=1 "
+                    "or quantize the unquantized checkpoint in flight."
+                )
+        layout = ModelLayout(model)
+
+        states: dict[str, Any] = {}
+        weights = self._weight_stream(
+            model, model_config, checkpoint_config, layout, states
+        )
+        # MoE runners report expert weights under their own name, not the
+        # parameter's; those are checked through their states instead.
+        expected = {
+            name
+            for name, _ in model.named_parameters()
+            if name not in layout.expert_params
+        }
+        loaded = model.load_weights(weights)
+        # Models without load tracking return None.
+        if loaded is not None and (missing := expected - loaded):
+            raise ValueError(
+                f"The checkpoint did not provide these weights: {sorted(missing)}; "
+                "check that it matches the model."
+            )
+        attach_quant_states(model, layout, states)
+        torch.accelerator.empty_cache()
+
+    def _weight_stream(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        checkpoint_config: dict | None,
+        layout: "ModelLayout",
+        states: dict[str, Any],
+    ) -> "CheckpointTensors":
+        from vllm.plugins.bitsandbytes.checkpoint import (
+            quantize_in_flight,
+            read_prequantized_4bit,
+            read_prequantized_int8,
+        )
+
+        def open_checkpoint() -> "CheckpointTensors":
+            return self._reader.get_all_weights(model_config, model)
+
+        if checkpoint_config is None:
+            logger.info(
+                "Quantizing weights to 4-bit with bitsandbytes while loading; "
+                "this may take a while."
+            )
+            return quantize_in_flight(
+                open_checkpoint,
+                layout,
+                states,
+                get_tensor_model_parallel_rank(),
+                get_tensor_model_parallel_world_size(),
+            )
+        if checkpoint_config.get("load_in_8bit", False):
+            logger.info("Loading a pre-quantized bitsandbytes 8-bit checkpoint.")
+            return read_prequantized_int8(open_checkpoint, layout, states)
+        logger.info("Loading a pre-quantized bitsandbytes 4-bit checkpoint.")
+        return read_prequantized_4bit(open_checkpoint, layout, states)

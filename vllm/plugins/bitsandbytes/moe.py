@@ -1,0 +1,108 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""bitsandbytes 4-bit fused-MoE method.
+
+All experts of a layer share one packed tensor per projection: `w13_weight`
+holds, per expert, the packed gate (w1) rows followed by the packed up (w3)
+rows; `w2_weight` the packed down projection. The loader fuses the experts'
+quantization states into one state per tensor, so a forward pass dequantizes
+each tensor with a single call and runs the unquantized fused-MoE kernel.
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vllm.logger import init_logger
+from vllm.model_executor.layers import fused_moe
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
+from vllm.plugins.bitsandbytes.linear import packed_4bit_size
+from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
+
+logger = init_logger(__name__)
+
+
+class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
+    """Packed 4-bit expert weights, dequantized on the fly."""
+
+    def __init__(
+        self, quant_config: BitsAndBytesConfig, moe: fused_moe.FusedMoEConfig
+    ) -> None:
+        super().__init__(moe)
+        require_bitsandbytes()
+        if quant_config.load_in_8bit:
+            raise ValueError(
+                "bitsandbytes 8-bit quantization does not support MoE experts; "
+                "use a 4-bit checkpoint or quantize in flight from the "
+                "unquantized one."
+            )
+        self.quant_config = quant_config
+
+    def get_fused_moe_quant_config(
+        self, layer: nn.Module
+    ) -> fused_moe.FusedMoEQuantConfig | None:
+        # Weights are dequantized before the unquantized kernel runs.
+        return None
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        logical_shapes = {
+            # gate and up projections stacked, column parallel
+            "w13_weight": (2 * intermediate_size_per_partition, hidden_size),
+            # down projection, row parallel
+            "w2_weight": (hidden_size, intermediate_size_per_partition),
+        }
+        for name, (rows, columns) in logical_shapes.items():
+            size = packed_4bit_size(rows * columns)
+            weight = nn.Parameter(
+                torch.empty(num_experts, size, 1, dtype=torch.uint8),
+                requires_grad=False,
+            )
+            set_weight_attrs(
+                weight,
+                {
+                    "shard_indexer": ProportionalShardIndexer(size),
+                    "experts_shape": (num_experts, rows, columns),
+                    **extra_weight_attrs,
+                },
+            )
+            layer.register_parameter(name, weight)
+
+    def apply(
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        topk_weights: Tensor,
+        topk_ids: Tensor,
+        shared_experts: fused_moe.SharedExperts | None,
+        shared_experts_input: Tensor | None,
+    ) -> Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        w13, w2 = (
+            dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state).reshape(
+                weight.experts_shape
+            )
+            for weight in (layer.w13_weight, layer.w2_weight)
+        )
+        return fused_moe.fused_experts(
+            x,
+            w13,
+            w2,
+            topk_weights,
+            topk_ids,
+            activation=layer.activation,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            global_num_experts=layer.global_num_experts,
+            expert_map=layer.expert_map,
+            quant_config=None,
+        )
