@@ -16,8 +16,16 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.config import SUPPORTED_4BIT_QUANT_TYPES
+from vllm.plugins.bitsandbytes.config import BitsAndBytesCheckpointError
 from vllm.plugins.bitsandbytes.layout import WEIGHT_SUFFIX, ModelLayout
+from vllm.plugins.bitsandbytes.reshard import reshard_4bit, reshard_int8_scales
+from vllm.plugins.bitsandbytes.state_checks import (
+    PACKED_STATE_PREFIX,
+    check_4bit_weight,
+    check_int8_weight,
+    parse_4bit_state,
+)
+from vllm.plugins.bitsandbytes.states import _flatten_double_quant
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 logger = init_logger(__name__)
@@ -39,7 +47,6 @@ STATE_COMPONENTS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_m
 # named `<weight>.quant_state.bitsandbytes__<quant type>`.
 PACKED_STATE_HOLDER = "quant_state"
 PACKED_STATE_TYPE_PREFIX = "bitsandbytes__"
-PACKED_STATE_PREFIX = f"{PACKED_STATE_HOLDER}.{PACKED_STATE_TYPE_PREFIX}"
 INT8_SCALE_SUFFIX = ".scb"
 INT8_FORMAT_SUFFIX = ".weight_format"
 
@@ -76,7 +83,7 @@ def quantize_in_flight(
     tp_size: int,
 ) -> CheckpointTensors:
     """Cut this rank's part of each target weight and quantize it to 4 bits."""
-    from bitsandbytes.functional import quantize_4bit
+    from vllm.plugins.bitsandbytes.quantize import quantize_4bit
 
     progress = _Progress("quantized")
     for name, tensor in open_checkpoint():
@@ -115,39 +122,18 @@ def _owner_of_4bit_component(weight_name: str) -> tuple[str, str] | None:
     return None
 
 
-def _parse_4bit_state(weight_name: str, components: dict[str, torch.Tensor]) -> Any:
-    from bitsandbytes.functional import QuantState
-
-    packed_keys = [key for key in components if key.startswith(PACKED_STATE_PREFIX)]
-    if len(packed_keys) != 1:
-        raise ValueError(
-            f"The checkpoint has no single 'quant_state.bitsandbytes__*' entry "
-            f"for {weight_name}; re-export the checkpoint with transformers and "
-            "bitsandbytes."
-        )
-    quant_type = packed_keys[0].removeprefix(PACKED_STATE_PREFIX)
-    if quant_type not in SUPPORTED_4BIT_QUANT_TYPES:
-        raise ValueError(
-            f"{weight_name} uses bitsandbytes quant type {quant_type!r}; only "
-            f"{' and '.join(SUPPORTED_4BIT_QUANT_TYPES)} checkpoints are supported."
-        )
-    try:
-        return QuantState.from_dict(
-            dict(components), device=torch.device(current_platform.device_type)
-        )
-    except (AssertionError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"The bitsandbytes quant_state of {weight_name} is corrupt ({err}); "
-            "re-export the checkpoint with transformers and bitsandbytes."
-        ) from err
-
-
 def read_prequantized_4bit(
     open_checkpoint: OpenCheckpoint,
     layout: ModelLayout,
     states: dict[str, Any],
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> CheckpointTensors:
-    """Stream packed 4-bit weights after rebuilding their `QuantState`s."""
+    """Stream packed 4-bit weights after rebuilding their `QuantState`s.
+
+    Under tensor parallelism each weight is cut to this rank's part, see
+    `reshard`.
+    """
     components: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in open_checkpoint():
         weight_name = layout.checkpoint_name(name)
@@ -167,12 +153,20 @@ def read_prequantized_4bit(
         if _owner_of_4bit_component(weight_name):
             continue
         if weight_name in components:
-            states[weight_name] = _parse_4bit_state(
+            states[weight_name] = parse_4bit_state(
                 weight_name, components.pop(weight_name)
             )
+            check_4bit_weight(weight_name, tensor, states[weight_name])
+            split = layout.split_of(weight_name)
+            if tp_size > 1 and split is not None and split.dim is not None:
+                # Block scales are sliced, so they must be plain floats first.
+                _flatten_double_quant(states[weight_name])
+                tensor, states[weight_name] = reshard_4bit(
+                    weight_name, tensor, states[weight_name], split, tp_rank, tp_size
+                )
             progress.step()
         elif layout.split_of(weight_name) is not None:
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"The checkpoint stores {weight_name} without a bitsandbytes "
                 "quant_state although the model quantizes that layer; re-export "
                 "the checkpoint with that layer quantized."
@@ -185,8 +179,14 @@ def read_prequantized_int8(
     open_checkpoint: OpenCheckpoint,
     layout: ModelLayout,
     states: dict[str, Any],
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> CheckpointTensors:
-    """Stream int8 weights after collecting their per-row scales (`SCB`)."""
+    """Stream int8 weights after collecting their per-row scales (`SCB`).
+
+    Under tensor parallelism each weight is cut to this rank's part, see
+    `reshard`.
+    """
     for name, tensor in open_checkpoint():
         weight_name = layout.checkpoint_name(name)
         if weight_name and weight_name.lower().endswith(INT8_SCALE_SUFFIX):
@@ -202,9 +202,15 @@ def read_prequantized_int8(
         if weight_name.lower().endswith((INT8_SCALE_SUFFIX, INT8_FORMAT_SUFFIX)):
             continue
         if weight_name in states:
+            check_int8_weight(weight_name, tensor, states[weight_name])
+            split = layout.split_of(weight_name)
+            if tp_size > 1 and split is not None and split.dim is not None:
+                states[weight_name] = reshard_int8_scales(
+                    states[weight_name], split, tp_rank, tp_size
+                )
             progress.step()
         elif layout.split_of(weight_name) is not None:
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"The checkpoint stores {weight_name} without its int8 scales "
                 "(SCB) although the model quantizes that layer; re-export the "
                 "checkpoint with that layer quantized."

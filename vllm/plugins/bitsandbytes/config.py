@@ -4,7 +4,7 @@
 
 from dataclasses import dataclass, field, fields
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_origin
 
 import torch
 
@@ -22,6 +22,15 @@ logger = init_logger(__name__)
 # The load format of the plugin's model loader, named as in vLLM before.
 LOAD_FORMAT = "bitsandbytes"
 SUPPORTED_4BIT_QUANT_TYPES = ("nf4", "fp4")
+
+
+class BitsAndBytesCheckpointError(ValueError):
+    """A bitsandbytes checkpoint that cannot be loaded as stored.
+
+    Raised before the model serves anything, with one sentence naming the
+    file, tensor or field at fault, so a broken export fails the load instead
+    of yielding a model that computes garbage.
+    """
 
 
 @cache
@@ -56,6 +65,28 @@ def checkpoint_quantization_config(model_config: "ModelConfig") -> dict | None:
     return model_config.model_arch_config.quantization_config
 
 
+def quantization_config_overridden(model_config: "ModelConfig") -> bool:
+    """Whether the user, not the checkpoint, supplied `quantization_config`.
+
+    `hf_overrides={"quantization_config": {...}}` is how a user asks for a
+    bitsandbytes setting (such as `load_in_8bit`) that has no engine argument;
+    the checkpoint itself is then unquantized and is quantized while loading.
+    """
+    overrides = model_config.hf_overrides
+    return isinstance(overrides, dict) and "quantization_config" in overrides
+
+
+def _has_type(value: object, expected: Any) -> bool:
+    """Whether a config value has its field's type; JSON has no other check."""
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if get_origin(expected) is list:
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return isinstance(value, expected)
+
+
 @dataclass(eq=False)
 class BitsAndBytesConfig(QuantizationConfig):
     """bitsandbytes 4-bit (NF4/FP4, QLoRA) and LLM.int8() quantization.
@@ -83,6 +114,13 @@ class BitsAndBytesConfig(QuantizationConfig):
 
     def __post_init__(self) -> None:
         super().__init__()
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if not _has_type(value, setting.type):
+                raise ValueError(
+                    f"quantization_config has {setting.name}={value!r}, which is "
+                    f"not a {setting.type}; fix the checkpoint's config.json."
+                )
         if self.bnb_4bit_quant_storage != "uint8":
             raise ValueError(
                 f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r} is not "
@@ -106,6 +144,16 @@ class BitsAndBytesConfig(QuantizationConfig):
         `None` value both keep the default; keys of other libraries' versions
         of the config are ignored.
         """
+        if config.get("load_in_4bit") is True and config.get("load_in_8bit") is True:
+            raise ValueError(
+                "quantization_config sets both load_in_4bit and load_in_8bit; "
+                "a bitsandbytes checkpoint is one or the other, fix its config.json."
+            )
+        if config.get("load_in_4bit") is False and not config.get("load_in_8bit"):
+            raise ValueError(
+                "quantization_config sets neither load_in_4bit nor load_in_8bit; "
+                "set the one the checkpoint was quantized with in its config.json."
+            )
         names = {setting.name for setting in fields(cls)}
         return cls(
             **{

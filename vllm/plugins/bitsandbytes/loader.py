@@ -3,16 +3,16 @@
 """Model loader for `load_format="bitsandbytes"`.
 
 It reads a checkpoint three ways: an unquantized one is cut per tensor-parallel
-rank and quantized to 4 bits on the fly; a pre-quantized 4-bit or LLM.int8()
-checkpoint is copied as stored. The model's own `load_weights` places the
-tensors (through each parameter's `shard_indexer`); afterwards the collected
-quantization states are attached to the parameters that own them.
+rank and quantized to 4 bits on the fly (or to LLM.int8() when the user
+overrides the model's `quantization_config` with `load_in_8bit`); a
+pre-quantized 4-bit or LLM.int8() checkpoint is copied as stored. The model's
+own `load_weights` places the tensors (through each parameter's
+`shard_indexer`); afterwards the collected quantization states are attached to
+the parameters that own them.
 
-Pre-quantized checkpoints are stored for a single rank. Loading them with
-tensor parallelism needs each rank's rows cut out of the packed bytes and the
-matching absmax blocks out of the state, on the same `RankSplit`s the
-in-flight path uses; until that exists they are refused before any weight is
-read.
+Pre-quantized checkpoints are stored for a single rank. Under tensor
+parallelism each rank cuts its part out of the quantized storage and state
+(`reshard`), on the same `RankSplit`s the in-flight path uses.
 """
 
 import dataclasses
@@ -30,7 +30,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.plugins.bitsandbytes.config import (
+    BitsAndBytesCheckpointError,
     checkpoint_quantization_config,
+    quantization_config_overridden,
     require_bitsandbytes,
 )
 
@@ -69,12 +71,6 @@ class BitsAndBytesModelLoader(BaseModelLoader):
                     f"The bitsandbytes loader cannot read a {method} checkpoint; "
                     "load it without load_format='bitsandbytes'."
                 )
-            if get_tensor_model_parallel_world_size() > 1:
-                raise ValueError(
-                    "Pre-quantized bitsandbytes checkpoints cannot be loaded "
-                    "with tensor parallelism yet; use tensor_parallel_size=1 "
-                    "or quantize the unquantized checkpoint in flight."
-                )
         layout = ModelLayout(model)
 
         states: dict[str, Any] = {}
@@ -91,7 +87,7 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         loaded = model.load_weights(weights)
         # Models without load tracking return None.
         if loaded is not None and (missing := expected - loaded):
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"The checkpoint did not provide these weights: {sorted(missing)}; "
                 "check that it matches the model."
             )
@@ -111,11 +107,27 @@ class BitsAndBytesModelLoader(BaseModelLoader):
             read_prequantized_4bit,
             read_prequantized_int8,
         )
+        from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
+        from vllm.plugins.bitsandbytes.state_checks import readable_checkpoint
 
         def open_checkpoint() -> "CheckpointTensors":
-            return self._reader.get_all_weights(model_config, model)
+            return readable_checkpoint(
+                self._reader.get_all_weights(model_config, model), model_config.model
+            )
 
-        if checkpoint_config is None:
+        in_flight = checkpoint_config is None or quantization_config_overridden(
+            model_config
+        )
+        if in_flight and checkpoint_config and checkpoint_config.get("load_in_8bit"):
+            logger.info("Quantizing weights to 8-bit with bitsandbytes while loading.")
+            return quantize_in_flight_int8(
+                open_checkpoint,
+                layout,
+                states,
+                get_tensor_model_parallel_rank(),
+                get_tensor_model_parallel_world_size(),
+            )
+        if in_flight:
             logger.info(
                 "Quantizing weights to 4-bit with bitsandbytes while loading; "
                 "this may take a while."
@@ -129,6 +141,18 @@ class BitsAndBytesModelLoader(BaseModelLoader):
             )
         if checkpoint_config.get("load_in_8bit", False):
             logger.info("Loading a pre-quantized bitsandbytes 8-bit checkpoint.")
-            return read_prequantized_int8(open_checkpoint, layout, states)
+            return read_prequantized_int8(
+                open_checkpoint,
+                layout,
+                states,
+                get_tensor_model_parallel_rank(),
+                get_tensor_model_parallel_world_size(),
+            )
         logger.info("Loading a pre-quantized bitsandbytes 4-bit checkpoint.")
-        return read_prequantized_4bit(open_checkpoint, layout, states)
+        return read_prequantized_4bit(
+            open_checkpoint,
+            layout,
+            states,
+            get_tensor_model_parallel_rank(),
+            get_tensor_model_parallel_world_size(),
+        )

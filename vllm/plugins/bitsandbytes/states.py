@@ -11,6 +11,7 @@ from torch import nn
 
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import is_pp_missing_parameter
+from vllm.plugins.bitsandbytes.config import BitsAndBytesCheckpointError
 from vllm.plugins.bitsandbytes.layout import ExpertGroup, ModelLayout
 
 logger = init_logger(__name__)
@@ -42,7 +43,7 @@ def attach_quant_states(
             continue
         shards = by_param.get(name)
         if shards is None:
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"No bitsandbytes quantization state was loaded for {name}; "
                 "the checkpoint is incomplete, re-export it."
             )
@@ -51,10 +52,11 @@ def attach_quant_states(
             continue
         layout.complete_shards(name, shards)
         if sorted(shards) != list(range(len(shards))):
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"The checkpoint holds only parts {sorted(shards)} of the merged "
                 f"weight {name}; re-export it with all of them."
             )
+        _check_shard_shapes(name, model.get_submodule(name.rpartition(".")[0]), shards)
         for state in shards.values():
             _flatten_double_quant(state)
         sizes = [
@@ -64,6 +66,31 @@ def attach_quant_states(
         param.bnb_quant_state = shards
         param.bnb_shard_offsets = torch.tensor(
             list(itertools.accumulate(sizes, initial=0))
+        )
+
+
+def _check_shard_shapes(name: str, layer: nn.Module, shards: dict[int, Any]) -> None:
+    """The states must describe the layer's weight, or its matmuls go wrong.
+
+    Each logical shard (`q_proj`, ...) has its own state, or one state covers
+    a merged weight stored fused on disk. The check runs on this rank's
+    states and layer, so it holds under tensor parallelism as well.
+    """
+    sizes = list(layer.output_partition_sizes)
+    rows = [shards[index].shape[0] for index in range(len(shards))]
+    columns = {
+        shards[index].shape[1]
+        for index in range(len(shards))
+        if len(shards[index].shape) == 2
+    }
+    if (rows != sizes and rows != [sum(sizes)]) or columns - {
+        layer.input_size_per_partition
+    }:
+        raise BitsAndBytesCheckpointError(
+            f"The quantization states of {name} describe {rows} rows and "
+            f"{sorted(columns)} columns but the layer has {sizes} rows and "
+            f"{layer.input_size_per_partition} columns; check that the checkpoint "
+            "matches the model config."
         )
 
 
@@ -98,7 +125,7 @@ def _fuse_expert_states(group: ExpertGroup, states: dict[str, Any]) -> dict[str,
     for shard in group.shards:
         state = states.pop(shard.weight_name, None)
         if state is None:
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"No bitsandbytes quantization state was loaded for the expert "
                 f"weight {shard.weight_name}; the checkpoint stores it "
                 "unquantized or not at all."
@@ -106,7 +133,7 @@ def _fuse_expert_states(group: ExpertGroup, states: dict[str, Any]) -> dict[str,
         by_shard[shard.shard_id][shard.expert_id] = _flatten_double_quant(state)
     experts = sorted(by_shard["w1"])
     if sorted(by_shard["w2"]) != experts or sorted(by_shard["w3"]) != experts:
-        raise ValueError(
+        raise BitsAndBytesCheckpointError(
             f"The checkpoint lacks some expert projections of {group.module_name}; "
             "re-export it with all of them."
         )
@@ -131,7 +158,7 @@ def _concatenate_states(parts: list[Any], group: ExpertGroup) -> Any:
             or part.shape[1] != first.shape[1]
             or math.prod(part.shape) % part.blocksize
         ):
-            raise ValueError(
+            raise BitsAndBytesCheckpointError(
                 f"The experts of {group.module_name} were quantized with "
                 "different settings or in blocks that straddle experts; "
                 "quantize all experts alike, with whole blocks per expert."
