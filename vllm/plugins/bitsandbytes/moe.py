@@ -6,7 +6,9 @@ All experts of a layer share one packed tensor per projection: `w13_weight`
 holds, per expert, the packed gate (w1) rows followed by the packed up (w3)
 rows; `w2_weight` the packed down projection. The loader fuses the experts'
 quantization states into one state per tensor, so a forward pass dequantizes
-each tensor with a single call and runs the unquantized fused-MoE kernel.
+each tensor with a single call and runs the unquantized fused-MoE kernel (on
+CPU, where that kernel and its router are CUDA-only, the torch routine of
+`cpu_moe`).
 """
 
 from typing import Any
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from vllm.logger import init_logger
 from vllm.model_executor.layers import fused_moe
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
 from vllm.plugins.bitsandbytes.linear import packed_4bit_size
 from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
@@ -86,14 +89,7 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         shared_experts: fused_moe.SharedExperts | None,
         shared_experts_input: Tensor | None,
     ) -> Tensor:
-        from bitsandbytes.functional import dequantize_4bit
-
-        w13, w2 = (
-            dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state).reshape(
-                weight.experts_shape
-            )
-            for weight in (layer.w13_weight, layer.w2_weight)
-        )
+        w13, w2 = self._dequantized_experts(layer)
         return fused_moe.fused_experts(
             x,
             w13,
@@ -106,3 +102,35 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
             expert_map=layer.expert_map,
             quant_config=None,
         )
+
+    @property
+    def is_monolithic(self) -> bool:
+        # On CPU, route and run the experts in torch like vLLM's own CPU MoE:
+        # the modular path's router needs a CUDA-only top-k kernel.
+        return current_platform.is_cpu()
+
+    def apply_monolithic(
+        self,
+        layer: nn.Module,
+        x: Tensor,
+        router_logits: Tensor,
+        input_ids: Tensor | None = None,
+    ) -> Tensor:
+        from vllm.plugins.bitsandbytes.cpu_moe import route, run_experts
+
+        topk_weights, topk_ids = route(layer, x, router_logits)
+        w13, w2 = self._dequantized_experts(layer)
+        return run_experts(layer, x, w13, w2, topk_weights, topk_ids)
+
+    @staticmethod
+    def _dequantized_experts(layer: nn.Module) -> tuple[Tensor, Tensor]:
+        """`w13` and `w2` of all experts, each dequantized with one call."""
+        from bitsandbytes.functional import dequantize_4bit
+
+        w13, w2 = (
+            dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state).reshape(
+                weight.experts_shape
+            )
+            for weight in (layer.w13_weight, layer.w2_weight)
+        )
+        return w13, w2

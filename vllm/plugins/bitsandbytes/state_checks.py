@@ -143,9 +143,9 @@ def parse_4bit_state(weight_name: str, components: dict[str, torch.Tensor]) -> A
             raise _corrupt(
                 weight_name, f"nested_offset {nested_offset!r} is not a finite number"
             )
-        offset = torch.tensor(
-            float(nested_offset), dtype=torch.float32, device=absmax.device
-        )
+        # Default dtype, as bitsandbytes' own QuantState.from_dict builds it:
+        # expanding the absmax then rounds exactly as everywhere else.
+        offset = torch.tensor(float(nested_offset), device=absmax.device)
         state2 = QuantState(
             absmax=_tensor(
                 weight_name,
