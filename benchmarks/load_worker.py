@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Subprocess side of ``benchmarks.load_time``: load models on one vLLM tree.
+
+Usage::
+
+    python load_worker.py serve RESPONSE_FD
+    python load_worker.py generate MODEL_DIR OUT.json
+
+``serve`` is a zygote. Being a fresh process, it first times ``import vllm``
+and ``vllm.plugins.load_general_plugins()`` (the plugin registration cost),
+then answers each JSON request line on stdin by forking a child that loads
+one model through the model loader and reports the loader's time and the
+child's peak RSS. Forking gives every load its own process (its own peak RSS,
+nothing left over from an earlier load) without paying the 10-20 s vllm
+import per load. Answers go to ``RESPONSE_FD`` as JSON lines, because vLLM
+logs to stdout.
+
+``generate`` starts the real engine on the installed vllm and greedily
+generates once: the end-to-end check of the default benchmark run.
+
+Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
++ vllm) so it runs under whichever vllm the interpreter resolves: the
+installed fork, or pristine upstream through ``PYTHONPATH``.
+"""
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import IO, Any
+
+GENERATE_PROMPT = "The quick brown fox"
+GENERATE_TOKENS = 16
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_once(model: str, quantization: str | None) -> dict[str, Any]:
+    """Load ``model`` through vLLM's model loader; time the loader only."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        ensure_model_parallel_initialized,
+        init_distributed_environment,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+
+    config = EngineArgs(
+        model=model, quantization=quantization, enforce_eager=True, max_model_len=256
+    ).create_engine_config()
+    with tempfile.TemporaryDirectory() as tmp, set_current_vllm_config(config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"file://{tmp}/dist-init",
+            backend="gloo",
+        )
+        ensure_model_parallel_initialized(1, 1)
+        loader = get_model_loader(config.load_config)
+        rss_before = _peak_rss_mib()
+        modules_before = len(sys.modules)
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        loaded = loader.load_model(vllm_config=config, model_config=config.model_config)
+        wall_s = time.perf_counter() - wall_start
+        cpu_s = time.process_time() - cpu_start
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    return {
+        "load_s": wall_s,
+        "load_cpu_s": cpu_s,
+        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_before_load_mib": rss_before,
+        # Lazy imports inside the timed region (model class, quant method).
+        "modules_imported_during_load": len(sys.modules) - modules_before,
+        "model_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+        "load_format": str(config.load_config.load_format),
+        "quantization": config.model_config.quantization,
+    }
+
+
+def _in_child(request: dict[str, Any]) -> dict[str, Any]:
+    """Run ``load_once`` in a forked child; its failures become data."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            result = load_once(**request)
+        except Exception as exc:  # recorded in the table, not raised
+            lines = str(exc).strip().splitlines() or [""]
+            result = {"error": f"{type(exc).__name__}: {lines[0][:300]}"}
+        with os.fdopen(write_fd, "w") as out:
+            json.dump(result, out)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as answer:
+        text = answer.read()
+    _, status = os.waitpid(pid, 0)
+    return json.loads(text) if text else {"error": f"load died (status {status})"}
+
+
+def serve(responses: IO[str]) -> None:
+    """Report registration cost, then one forked load per request line."""
+    start = time.perf_counter()
+    import vllm
+
+    imported = time.perf_counter()
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    registered = time.perf_counter()
+    # What every CPU engine worker has done before it loads a model: import
+    # the model runner and turn torch.accelerator calls into no-ops (BNB's
+    # loader empties the accelerator cache). Done once here, untimed, so the
+    # children fork from an identical state on both sides; bitsandbytes too,
+    # which each side imports at a different moment (config or layer).
+    import bitsandbytes  # noqa: F401
+
+    import vllm.engine.arg_utils  # noqa: F401
+    from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+    _set_torch_accelerator_to_noop()
+    ready = time.perf_counter()
+
+    def respond(message: dict[str, Any]) -> None:
+        responses.write(json.dumps(message) + "\n")
+        responses.flush()
+
+    respond(
+        {
+            "import_s": imported - start,
+            "plugins_s": registered - imported,
+            # Modules any load imports anyway; registration may have pulled
+            # some of them in already.
+            "loader_imports_s": ready - registered,
+            "version": vllm.__version__,
+            "file": vllm.__file__,
+        }
+    )
+    for line in sys.stdin:
+        respond(_in_child(json.loads(line)))
+
+
+def generate(model: str) -> dict[str, Any]:
+    """Greedy generation through the real engine."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, enforce_eager=True, max_model_len=256, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=GENERATE_TOKENS)
+    (output,) = llm.generate([GENERATE_PROMPT], params)
+    return {
+        "prompt": GENERATE_PROMPT,
+        "token_ids": list(output.outputs[0].token_ids),
+        "text": output.outputs[0].text,
+    }
+
+
+def main() -> None:
+    command, *args = sys.argv[1:]
+    if command == "serve":
+        with os.fdopen(int(args[0]), "w") as responses:
+            serve(responses)
+    elif command == "generate":
+        model, out = args
+        with open(out, "w") as file:
+            json.dump(generate(model), file)
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
