@@ -275,6 +275,8 @@ def test_tp2_starts_like_tp1(engine_runs: Path) -> None:
 
 
 def test_disabled_plugin_is_a_clear_error(engine_runs: Path) -> None:
+    """Core names the filtered-out plugin and says how to enable it."""
     run = result(engine_runs, "disabled")
     assert run["status"] == "error"
-    assert "Unknown quantization method: toy_int8" in run["error"]
+    assert "provided by the plugin 'toy_int8'" in run["error"]
+    assert "add 'toy_int8' to VLLM_PLUGINS" in run["error"]
