@@ -514,7 +514,10 @@ def build(base: Base, tree: Path) -> Path:
     tmp_path = wheel_path.with_suffix(".tmp")
     with zipfile.ZipFile(tmp_path, "w") as archive:
         for root, dirs, files in os.walk(tree / "vllm", followlinks=True):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            # Caches of tools run in the tree (__pycache__, .ruff_cache, ...).
+            dirs[:] = sorted(
+                d for d in dirs if d != "__pycache__" and not d.startswith(".")
+            )
             for file in sorted(files):
                 path = Path(root) / file
                 name = path.relative_to(tree).as_posix()
