@@ -16,22 +16,25 @@ from torch import Tensor, nn
 from vllm.model_executor.layers.fused_moe.activation import apply_moe_activation
 from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
 
+# The layer attributes that parameterize routing, named as select_experts
+# takes them.
+ROUTING_OPTIONS = (
+    "top_k",
+    "use_grouped_topk",
+    "renormalize",
+    "topk_group",
+    "num_expert_group",
+    "custom_routing_function",
+    "scoring_func",
+    "routed_scaling_factor",
+    "e_score_correction_bias",
+)
+
 
 def route(layer: nn.Module, x: Tensor, router_logits: Tensor) -> tuple[Tensor, Tensor]:
     """Top-k weights and expert ids, as vLLM's CPU MoE computes them."""
-    return select_experts(
-        hidden_states=x,
-        router_logits=router_logits,
-        top_k=layer.top_k,
-        use_grouped_topk=layer.use_grouped_topk,
-        renormalize=layer.renormalize,
-        topk_group=layer.topk_group,
-        num_expert_group=layer.num_expert_group,
-        custom_routing_function=layer.custom_routing_function,
-        scoring_func=layer.scoring_func,
-        routed_scaling_factor=layer.routed_scaling_factor,
-        e_score_correction_bias=layer.e_score_correction_bias,
-    )
+    options = {name: getattr(layer, name) for name in ROUTING_OPTIONS}
+    return select_experts(hidden_states=x, router_logits=router_logits, **options)
 
 
 def run_experts(
