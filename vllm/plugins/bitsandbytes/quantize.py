@@ -240,22 +240,14 @@ def quantize_4bit(
 
     packed, absmax = result
     code = bnb.get_4bit_type(quant_type, device=values.device)
-    if not compress_statistics:
-        state = bnb.QuantState(
-            absmax=absmax,
-            shape=values.shape,
-            dtype=values.dtype,
-            blocksize=blocksize,
-            code=code,
-            quant_type=quant_type,
+    offset = nested_state = None
+    if compress_statistics:
+        offset = absmax.mean()
+        absmax, nested_state = bnb.quantize_blockwise(
+            absmax - offset, blocksize=NESTED_BLOCKSIZE
         )
-        return packed, state
-    offset = absmax.mean()
-    nested_absmax, nested_state = bnb.quantize_blockwise(
-        absmax - offset, blocksize=NESTED_BLOCKSIZE
-    )
     state = bnb.QuantState(
-        absmax=nested_absmax,
+        absmax=absmax,
         shape=values.shape,
         dtype=values.dtype,
         blocksize=blocksize,
