@@ -408,7 +408,7 @@ def check_upstream(base: Base) -> None:
                 ]
                 subprocess.run([*pytest, *tests], check=True, env=env, cwd=REPO)
         fork_tree = materialize(base, Path(scratch) / "fork")
-        ignored = ["-x", ".git", "-x", "__pycache__"]
+        ignored = ["-x", ".*", "-x", "__pycache__"]  # git, tool caches
         differences = subprocess.run(
             ["diff", "-r", "-q", *ignored, str(tree), str(fork_tree)],
             text=True,
