@@ -14,7 +14,8 @@ from the same run. Nothing here is asserted: wall times are reported only.
 
 Cases: unquantized, in-flight bitsandbytes 4-bit and pre-quantized nf4 and
 8-bit checkpoints, on synthetic Llamas of increasing size. Also measured:
-plugin registration (``import vllm`` + ``load_general_plugins()``) and the
+plugin registration (``import vllm``, the engine arguments, then
+``load_general_plugins()``, which vLLM calls from there) and the
 memory-copy bandwidth of this machine, the ceiling for load throughput.
 
 Without ``--quick``/``--full`` it runs the quick matrix and then generates
@@ -24,6 +25,7 @@ text once through the real engine with the fork (the README's main job).
 import argparse
 import configparser
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -43,7 +45,6 @@ from tests.oracle.harness import (
     REPO,
     Side,
     fork,
-    pristine_dir,
     side_identity,
     upstream,
 )
@@ -61,7 +62,8 @@ CASES: dict[str, tuple[str | None, str | None]] = {
     "int8-prequant": (None, "llama-bnb-int8"),
 }
 # Timed by each zygote at start-up (see load_worker.serve).
-REGISTRATION_FIELDS = ("import_s", "plugins_s", "loader_imports_s")
+REGISTRATION_FIELDS = ("import_s", "engine_args_s", "plugins_s", "loader_imports_s")
+PLUGIN_GROUP = "vllm.general_plugins"
 COPY_BYTES = 2**30
 GB = 1e9
 # A generous per-request limit: only catches a hung worker.
@@ -110,19 +112,26 @@ def code_identities() -> dict[str, Any]:
     return {side.name: side_identity(side) for side in (fork(), upstream())}
 
 
-def upstream_plugins() -> str:
-    """Entry-point names upstream's own wheel registers (its LoRA resolvers).
+def declared_plugins(side: Side) -> str:
+    """The general plugins the side's own vllm distribution declares.
 
-    The upstream side runs under the fork's installed entry points, so it is
-    limited to the ones its own dist-info declares: both sides then register
-    exactly what their installation would.
+    Both sides run in one environment, which also holds the fork's entry
+    points and the test suite's toy plugin; each side is limited to what its
+    own dist-info declares (upstream: its two LoRA resolvers; the fork: those
+    and bitsandbytes), so both register exactly what their installation would.
     """
+    if side.tree is None:
+        return ",".join(
+            entry_point.name
+            for entry_point in importlib.metadata.distribution("vllm").entry_points
+            if entry_point.group == PLUGIN_GROUP
+        )
     names: list[str] = []
-    for entry_points in pristine_dir().glob("*.dist-info/entry_points.txt"):
+    for entry_points in side.tree.glob("*.dist-info/entry_points.txt"):
         parser = configparser.ConfigParser()
         parser.read(entry_points)
-        if parser.has_section("vllm.general_plugins"):
-            names += parser.options("vllm.general_plugins")
+        if parser.has_section(PLUGIN_GROUP):
+            names += parser.options(PLUGIN_GROUP)
     return ",".join(names)
 
 
@@ -131,8 +140,7 @@ class Zygote:
 
     def __init__(self, side: Side, log: IO[str]) -> None:
         env = side.env()
-        if side.tree is not None:
-            env["VLLM_PLUGINS"] = upstream_plugins()
+        env["VLLM_PLUGINS"] = declared_plugins(side)
         read_fd, write_fd = os.pipe()
         self.proc = subprocess.Popen(
             [side.python, str(WORKER), "serve", str(write_fd)],
@@ -288,7 +296,9 @@ def summarize(
     for side in ("fork", "upstream"):
         samples = [r for r in registrations if r["side"] == side]
         stats = {field: _median(samples, field) for field in REGISTRATION_FIELDS}
-        stats["total_s"] = stats["import_s"] + stats["plugins_s"]
+        stats["total_s"] = sum(
+            stats[field] for field in ("import_s", "engine_args_s", "plugins_s")
+        )
         stats["ready_s"] = stats["total_s"] + stats["loader_imports_s"]
         registration[side] = stats
     return {
@@ -344,7 +354,8 @@ def table(summary: dict[str, Any], copy_gbs: float) -> str:
     ]
     for field, label in (
         ("import_s", "`import vllm`"),
-        ("plugins_s", "`load_general_plugins()`"),
+        ("engine_args_s", "then `import vllm.engine.arg_utils`"),
+        ("plugins_s", "then `load_general_plugins()`"),
         ("total_s", "registration total"),
         ("loader_imports_s", "then import the loader modules"),
         ("ready_s", "total until ready to load"),

@@ -6,13 +6,13 @@ Usage::
     python load_worker.py serve RESPONSE_FD
     python load_worker.py generate MODEL_DIR OUT.json
 
-``serve`` is a zygote. Being a fresh process, it first times ``import vllm``
-and ``vllm.plugins.load_general_plugins()`` (the plugin registration cost),
-then answers each JSON request line on stdin by forking a child that loads
-one model through the model loader and reports the loader's time and the
-child's peak RSS. Forking gives every load its own process (its own peak RSS,
-nothing left over from an earlier load) without paying the 10-20 s vllm
-import per load. Answers go to ``RESPONSE_FD`` as JSON lines, because vLLM
+``serve`` is a zygote. Being a fresh process, it first times ``import vllm``,
+the engine arguments and ``vllm.plugins.load_general_plugins()`` (the plugin
+registration cost), then answers each JSON request line on stdin by forking
+a child that loads one model through the model loader and reports the
+loader's time and the child's peak RSS. Forking gives every load its own
+process (its own peak RSS, nothing left over from an earlier load) without
+paying the 10-20 s vllm import per load. Answers go to ``RESPONSE_FD`` as JSON lines, because vLLM
 logs to stdout.
 
 ``generate`` starts the real engine on the installed vllm and greedily
@@ -109,6 +109,12 @@ def serve(responses: IO[str]) -> None:
     import vllm
 
     imported = time.perf_counter()
+    # vLLM registers plugins from the engine arguments, the engine core and
+    # the workers, all of which have imported the configs and quantization
+    # registry by then; the engine arguments are the first, in every process.
+    import vllm.engine.arg_utils  # noqa: F401
+
+    engine_args_imported = time.perf_counter()
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
@@ -120,7 +126,6 @@ def serve(responses: IO[str]) -> None:
     # which each side imports at a different moment (config or layer).
     import bitsandbytes  # noqa: F401
 
-    import vllm.engine.arg_utils  # noqa: F401
     from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
 
     _set_torch_accelerator_to_noop()
@@ -133,7 +138,8 @@ def serve(responses: IO[str]) -> None:
     respond(
         {
             "import_s": imported - start,
-            "plugins_s": registered - imported,
+            "engine_args_s": engine_args_imported - imported,
+            "plugins_s": registered - engine_args_imported,
             # Modules any load imports anyway; registration may have pulled
             # some of them in already.
             "loader_imports_s": ready - registered,

@@ -101,10 +101,19 @@ def test_plugin_assigns_nothing_onto_vllm():
 
 
 def test_registration_is_cheap_and_idempotent():
+    """Registering imports neither bitsandbytes nor anything a load needs.
+
+    Measured where vLLM registers plugins (after the engine arguments are
+    imported): every vLLM process registers, the API server included, which
+    never loads a model.
+    """
     code = (
         "import sys\n"
+        "import vllm.engine.arg_utils\n"
+        "before = set(sys.modules)\n"
         "import vllm.plugins.bitsandbytes as plugin\n"
         "plugin.register(); plugin.register()\n"
+        "print(','.join(sorted(set(sys.modules) - before)))\n"
         "from vllm.model_executor.layers.quantization import get_quantization_config\n"
         "from vllm.model_executor.model_loader import get_model_loader\n"
         "from vllm.config.load import LoadConfig\n"
@@ -115,7 +124,14 @@ def test_registration_is_cheap_and_idempotent():
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    config_module, loader_module, imported = result.stdout.split()[-3:]
+    registration_imports, config_module, loader_module, imported = (
+        result.stdout.split()[-4:]
+    )
+    assert set(registration_imports.split(",")) <= {
+        PLUGIN_PACKAGE,
+        f"{PLUGIN_PACKAGE}.config",
+        "vllm.model_executor.model_loader",
+    }
     assert config_module.startswith(PLUGIN_PACKAGE)
     assert loader_module.startswith(PLUGIN_PACKAGE)
     assert imported == "False", "registration must not import bitsandbytes"

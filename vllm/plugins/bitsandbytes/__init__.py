@@ -4,7 +4,8 @@
 
 `register()` is the `vllm.general_plugins` entry point `bitsandbytes`; it runs
 in every vLLM process, so it imports only vLLM's registries and the plugin's
-own classes. The bitsandbytes library is imported when a model uses it.
+config. The loader and the bitsandbytes library are imported when a model
+uses them.
 """
 
 _registered = False
@@ -19,8 +20,9 @@ def register() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.plugins.bitsandbytes.config import LOAD_FORMAT, BitsAndBytesConfig
-    from vllm.plugins.bitsandbytes.loader import BitsAndBytesModelLoader
 
     register_quantization_config(BitsAndBytesConfig.get_name())(BitsAndBytesConfig)
-    register_model_loader(LOAD_FORMAT)(BitsAndBytesModelLoader)
+    # By name: the loader module imports the model layers, which processes
+    # that never load a model (the API server) should not pay for.
+    register_model_loader(LOAD_FORMAT, f"{__name__}.loader.BitsAndBytesModelLoader")
     _registered = True
