@@ -12,8 +12,8 @@ registration cost), then answers each JSON request line on stdin by forking
 a child that loads one model through the model loader and reports the
 loader's time and the child's peak RSS. Forking gives every load its own
 process (its own peak RSS, nothing left over from an earlier load) without
-paying the 10-20 s vllm import per load. Answers go to ``RESPONSE_FD`` as JSON lines, because vLLM
-logs to stdout.
+paying the 10-20 s vllm import per load. Answers go to ``RESPONSE_FD`` as
+JSON lines, because vLLM logs to stdout.
 
 ``generate`` starts the real engine on the installed vllm and greedily
 generates once: the end-to-end check of the default benchmark run.
