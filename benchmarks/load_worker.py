@@ -126,9 +126,15 @@ def serve(responses: IO[str]) -> None:
     # which each side imports at a different moment (config or layer).
     import bitsandbytes  # noqa: F401
 
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
     from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
 
     _set_torch_accelerator_to_noop()
+    # The loaders the loads use: upstream imports its bitsandbytes loader with
+    # the model-loader package, the fork's plugin on the format's first use.
+    for load_format in ("auto", "bitsandbytes"):
+        get_model_loader(LoadConfig(load_format=load_format))
     ready = time.perf_counter()
 
     def respond(message: dict[str, Any]) -> None:

@@ -66,11 +66,8 @@ def saved_4bit(quant_type: str, double_quant: bool) -> tuple[dict, object]:
     return checkpoint, state
 
 
-def opener(checkpoint: dict[str, torch.Tensor]):
-    def open_checkpoint() -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(list(checkpoint.items()))
-
-    return open_checkpoint
+def stream(checkpoint: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(list(checkpoint.items()))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -78,8 +75,9 @@ def opener(checkpoint: dict[str, torch.Tensor]):
 def test_prequantized_4bit_state_round_trips(quant_type, double_quant):
     checkpoint, saved_state = saved_4bit(quant_type, double_quant)
     states: dict = {}
-    streamed = dict(read_prequantized_4bit(opener(checkpoint), Layout(), states))
-    assert list(streamed) == [WEIGHT, "norm.weight"]
+    streamed = dict(read_prequantized_4bit(stream(checkpoint), Layout(), states))
+    # The weight waits for its state components, saved after it.
+    assert list(streamed) == ["norm.weight", WEIGHT]
     assert streamed[WEIGHT] is checkpoint[WEIGHT]
     state = states[WEIGHT]
     assert (state.quant_type, state.nested) == (quant_type, double_quant)
@@ -89,8 +87,29 @@ def test_prequantized_4bit_state_round_trips(quant_type, double_quant):
     )
 
 
+@pytest.mark.parametrize("weight_first", [True, False])
+def test_prequantized_4bit_weight_and_state_in_either_order(weight_first):
+    """One pass: a weight waits for its state components, or they for it."""
+    checkpoint, saved_state = saved_4bit("nf4", True)
+    weight = checkpoint.pop(WEIGHT)
+    state_entries = [item for item in checkpoint.items() if item[0] != "norm.weight"]
+    ordered = (
+        [(WEIGHT, weight), *state_entries]
+        if weight_first
+        else [*reversed(state_entries), (WEIGHT, weight)]
+    )
+    ordered.append(("norm.weight", checkpoint["norm.weight"]))
+    states: dict = {}
+    streamed = list(read_prequantized_4bit(iter(ordered), Layout(), states))
+    assert [name for name, _ in streamed] == [WEIGHT, "norm.weight"]
+    assert torch.equal(
+        bnb.dequantize_4bit(streamed[0][1], states[WEIGHT]),
+        bnb.dequantize_4bit(weight, saved_state),
+    )
+
+
 def consume_4bit(checkpoint: dict) -> None:
-    list(read_prequantized_4bit(opener(checkpoint), Layout(), {}))
+    list(read_prequantized_4bit(stream(checkpoint), Layout(), {}))
 
 
 def test_missing_packed_quant_state_is_reported():
@@ -132,13 +151,21 @@ def test_prequantized_int8_collects_row_scales():
         "norm.weight": torch.ones(128),
     }
     states: dict = {}
-    streamed = dict(read_prequantized_int8(opener(checkpoint), Layout(), states))
+    streamed = dict(read_prequantized_int8(stream(checkpoint), Layout(), states))
     assert list(streamed) == [WEIGHT, "norm.weight"]
     assert states == {WEIGHT: scales}
 
+    # A weight stored before its scales waits for them.
+    states = {}
+    reordered = {"layers.0.proj.SCB": scales, **checkpoint}
+    reordered = {WEIGHT: weight, **reordered}
+    streamed = dict(read_prequantized_int8(stream(reordered), Layout(), states))
+    assert list(streamed) == [WEIGHT, "norm.weight"]
+    assert streamed[WEIGHT] is weight and states == {WEIGHT: scales}
+
     del checkpoint["layers.0.proj.SCB"]
     with pytest.raises(ValueError, match="without its int8 scales"):
-        list(read_prequantized_int8(opener(checkpoint), Layout(), {}))
+        list(read_prequantized_int8(stream(checkpoint), Layout(), {}))
 
 
 def test_in_flight_quantizes_only_this_ranks_rows():
@@ -146,7 +173,7 @@ def test_in_flight_quantizes_only_this_ranks_rows():
     checkpoint = {WEIGHT: weight, "norm.weight": torch.ones(64)}
     states: dict = {}
     streamed = dict(
-        quantize_in_flight(opener(checkpoint), Layout(), states, tp_rank=1, tp_size=2)
+        quantize_in_flight(stream(checkpoint), Layout(), states, tp_rank=1, tp_size=2)
     )
     expected_packed, expected_state = quantize(
         weight.chunk(2)[1], quant_type="nf4", compress_statistics=True

@@ -9,7 +9,7 @@ the per-row scales (`SCB`) for LLM.int8().
 """
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,9 +31,6 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 logger = init_logger(__name__)
 
 CheckpointTensors = Iterator[tuple[str, torch.Tensor]]
-# Opens a fresh pass over the checkpoint; pre-quantized streams read it twice
-# because a weight may come before its quantization state.
-OpenCheckpoint = Callable[[], CheckpointTensors]
 
 # The in-flight format is fixed, whatever the config's 4-bit fields say: NF4
 # with double-quantized statistics, what vLLM has always produced.
@@ -76,7 +73,7 @@ class _Progress:
 
 
 def quantize_in_flight(
-    open_checkpoint: OpenCheckpoint,
+    checkpoint: CheckpointTensors,
     layout: ModelLayout,
     states: dict[str, Any],
     tp_rank: int,
@@ -86,7 +83,7 @@ def quantize_in_flight(
     from vllm.plugins.bitsandbytes.quantize import quantize_4bit
 
     progress = _Progress("quantized")
-    for name, tensor in open_checkpoint():
+    for name, tensor in checkpoint:
         weight_name = layout.checkpoint_name(name)
         split = layout.split_of(weight_name) if weight_name else None
         if split is None:
@@ -122,98 +119,138 @@ def _owner_of_4bit_component(weight_name: str) -> tuple[str, str] | None:
     return None
 
 
+def _has_complete_4bit_state(components: dict[str, torch.Tensor]) -> bool:
+    """Whether every component a valid 4-bit state needs has been read.
+
+    Double quantization stores the absmax as uint8 codes, which need the
+    nested statistics as well. An incomplete state is parsed (and reported)
+    once the whole checkpoint has been read.
+    """
+    if "absmax" not in components or "quant_map" not in components:
+        return False
+    if not any(name.startswith(PACKED_STATE_PREFIX) for name in components):
+        return False
+    return components["absmax"].dtype != torch.uint8 or (
+        "nested_absmax" in components and "nested_quant_map" in components
+    )
+
+
 def read_prequantized_4bit(
-    open_checkpoint: OpenCheckpoint,
+    checkpoint: CheckpointTensors,
     layout: ModelLayout,
     states: dict[str, Any],
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> CheckpointTensors:
-    """Stream packed 4-bit weights after rebuilding their `QuantState`s.
+    """Stream packed 4-bit weights, each once its `QuantState` is rebuilt.
 
-    Under tensor parallelism each weight is cut to this rank's part, see
-    `reshard`.
+    The checkpoint is read once. transformers saves `<name>.weight` before
+    its state components, so a weight waits (as the reader's lazy view of the
+    file) until they have all been read. Under tensor parallelism each weight
+    is cut to this rank's part, see `reshard`.
     """
     components: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in open_checkpoint():
+    waiting: dict[str, tuple[str, torch.Tensor]] = {}
+    progress = _Progress("read pre-quantized")
+
+    def with_state(
+        weight_name: str, name: str, tensor: torch.Tensor
+    ) -> tuple[str, torch.Tensor]:
+        state = parse_4bit_state(weight_name, components.pop(weight_name))
+        check_4bit_weight(weight_name, tensor, state)
+        split = layout.split_of(weight_name)
+        if tp_size > 1 and split is not None and split.dim is not None:
+            # Block scales are sliced, so they must be plain floats first.
+            _flatten_double_quant(state)
+            tensor, state = reshard_4bit(
+                weight_name, tensor, state, split, tp_rank, tp_size
+            )
+        states[weight_name] = state
+        progress.step()
+        return name, tensor
+
+    for name, tensor in checkpoint:
         weight_name = layout.checkpoint_name(name)
-        if weight_name and (found := _owner_of_4bit_component(weight_name)):
+        if weight_name is None:
+            yield name, tensor
+        elif found := _owner_of_4bit_component(weight_name):
             owner, component = found
             if component.startswith(PACKED_STATE_PREFIX):
                 # bitsandbytes decodes the packed fields from host memory.
                 tensor = tensor.cpu()
             components.setdefault(owner, {})[component] = tensor
-
-    progress = _Progress("read pre-quantized")
-    for name, tensor in open_checkpoint():
-        weight_name = layout.checkpoint_name(name)
-        if weight_name is None:
+            if owner in waiting and _has_complete_4bit_state(components[owner]):
+                yield with_state(owner, *waiting.pop(owner))
+        elif layout.split_of(weight_name) is None:
             yield name, tensor
-            continue
-        if _owner_of_4bit_component(weight_name):
-            continue
-        if weight_name in components:
-            states[weight_name] = parse_4bit_state(
-                weight_name, components.pop(weight_name)
-            )
-            check_4bit_weight(weight_name, tensor, states[weight_name])
-            split = layout.split_of(weight_name)
-            if tp_size > 1 and split is not None and split.dim is not None:
-                # Block scales are sliced, so they must be plain floats first.
-                _flatten_double_quant(states[weight_name])
-                tensor, states[weight_name] = reshard_4bit(
-                    weight_name, tensor, states[weight_name], split, tp_rank, tp_size
-                )
-            progress.step()
-        elif layout.split_of(weight_name) is not None:
+        elif _has_complete_4bit_state(components.get(weight_name, {})):
+            yield with_state(weight_name, name, tensor)
+        else:
+            waiting[weight_name] = (name, tensor)
+
+    for weight_name, (name, tensor) in waiting.items():
+        if weight_name not in components:
             raise BitsAndBytesCheckpointError(
                 f"The checkpoint stores {weight_name} without a bitsandbytes "
                 "quant_state although the model quantizes that layer; re-export "
                 "the checkpoint with that layer quantized."
             )
-        yield name, tensor
+        yield with_state(weight_name, name, tensor)
     progress.done()
 
 
 def read_prequantized_int8(
-    open_checkpoint: OpenCheckpoint,
+    checkpoint: CheckpointTensors,
     layout: ModelLayout,
     states: dict[str, Any],
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> CheckpointTensors:
-    """Stream int8 weights after collecting their per-row scales (`SCB`).
+    """Stream int8 weights, each once its per-row scales (`SCB`) are read.
 
-    Under tensor parallelism each weight is cut to this rank's part, see
-    `reshard`.
+    The checkpoint is read once; a weight stored before its scales waits for
+    them. Under tensor parallelism each weight's scales are cut to this
+    rank's rows, see `reshard`.
     """
-    for name, tensor in open_checkpoint():
-        weight_name = layout.checkpoint_name(name)
-        if weight_name and weight_name.lower().endswith(INT8_SCALE_SUFFIX):
-            owner = weight_name[: -len(INT8_SCALE_SUFFIX)]
-            states[owner + WEIGHT_SUFFIX] = tensor
-
+    scales: dict[str, torch.Tensor] = {}
+    waiting: dict[str, tuple[str, torch.Tensor]] = {}
     progress = _Progress("read pre-quantized")
-    for name, tensor in open_checkpoint():
+
+    def with_scales(
+        weight_name: str, name: str, tensor: torch.Tensor
+    ) -> tuple[str, torch.Tensor]:
+        check_int8_weight(weight_name, tensor, scales[weight_name])
+        split = layout.split_of(weight_name)
+        states[weight_name] = scales.pop(weight_name)
+        if tp_size > 1 and split is not None and split.dim is not None:
+            states[weight_name] = reshard_int8_scales(
+                states[weight_name], split, tp_rank, tp_size
+            )
+        progress.step()
+        return name, tensor
+
+    for name, tensor in checkpoint:
         weight_name = layout.checkpoint_name(name)
         if weight_name is None:
             yield name, tensor
+        elif weight_name.lower().endswith(INT8_SCALE_SUFFIX):
+            owner = weight_name[: -len(INT8_SCALE_SUFFIX)] + WEIGHT_SUFFIX
+            scales[owner] = tensor
+            if owner in waiting:
+                yield with_scales(owner, *waiting.pop(owner))
+        elif weight_name.lower().endswith(INT8_FORMAT_SUFFIX):
             continue
-        if weight_name.lower().endswith((INT8_SCALE_SUFFIX, INT8_FORMAT_SUFFIX)):
-            continue
-        if weight_name in states:
-            check_int8_weight(weight_name, tensor, states[weight_name])
-            split = layout.split_of(weight_name)
-            if tp_size > 1 and split is not None and split.dim is not None:
-                states[weight_name] = reshard_int8_scales(
-                    states[weight_name], split, tp_rank, tp_size
-                )
-            progress.step()
-        elif layout.split_of(weight_name) is not None:
-            raise BitsAndBytesCheckpointError(
-                f"The checkpoint stores {weight_name} without its int8 scales "
-                "(SCB) although the model quantizes that layer; re-export the "
-                "checkpoint with that layer quantized."
-            )
-        yield name, tensor
+        elif layout.split_of(weight_name) is None:
+            yield name, tensor
+        elif weight_name in scales:
+            yield with_scales(weight_name, name, tensor)
+        else:
+            waiting[weight_name] = (name, tensor)
+
+    if waiting:
+        raise BitsAndBytesCheckpointError(
+            f"The checkpoint stores {next(iter(waiting))} without its int8 scales "
+            "(SCB) although the model quantizes that layer; re-export the "
+            "checkpoint with that layer quantized."
+        )
     progress.done()

@@ -16,7 +16,7 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.checkpoint import CheckpointTensors, OpenCheckpoint
+from vllm.plugins.bitsandbytes.checkpoint import CheckpointTensors
 from vllm.plugins.bitsandbytes.layout import ModelLayout
 from vllm.plugins.bitsandbytes.reshard import reshard_int8_scales
 
@@ -27,7 +27,7 @@ INT8_SOURCE_DTYPE = torch.float16
 
 
 def quantize_in_flight_int8(
-    open_checkpoint: OpenCheckpoint,
+    checkpoint: CheckpointTensors,
     layout: ModelLayout,
     states: dict[str, Any],
     tp_rank: int,
@@ -37,7 +37,7 @@ def quantize_in_flight_int8(
     from bitsandbytes.functional import int8_vectorwise_quant
 
     count = 0
-    for name, tensor in open_checkpoint():
+    for name, tensor in checkpoint:
         weight_name = layout.checkpoint_name(name)
         split = layout.split_of(weight_name) if weight_name else None
         if split is None:

@@ -16,7 +16,7 @@ parallelism each rank cuts its part out of the quantized storage and state
 """
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,16 +29,22 @@ from vllm.distributed import (
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.plugins.bitsandbytes.checkpoint import (
+    CheckpointTensors,
+    quantize_in_flight,
+    read_prequantized_4bit,
+    read_prequantized_int8,
+)
 from vllm.plugins.bitsandbytes.config import (
     BitsAndBytesCheckpointError,
     checkpoint_quantization_config,
     quantization_config_overridden,
     require_bitsandbytes,
 )
-
-if TYPE_CHECKING:
-    from vllm.plugins.bitsandbytes.checkpoint import CheckpointTensors
-    from vllm.plugins.bitsandbytes.layout import ModelLayout
+from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
+from vllm.plugins.bitsandbytes.layout import ModelLayout
+from vllm.plugins.bitsandbytes.state_checks import readable_checkpoint
+from vllm.plugins.bitsandbytes.states import attach_quant_states
 
 logger = init_logger(__name__)
 
@@ -58,10 +64,6 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         self._reader.download_model(model_config)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        # Imported here, not at registration: they pull in the layer modules.
-        from vllm.plugins.bitsandbytes.layout import ModelLayout
-        from vllm.plugins.bitsandbytes.states import attach_quant_states
-
         require_bitsandbytes()
         checkpoint_config = checkpoint_quantization_config(model_config)
         if checkpoint_config is not None:
@@ -99,60 +101,28 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         model: nn.Module,
         model_config: ModelConfig,
         checkpoint_config: dict | None,
-        layout: "ModelLayout",
+        layout: ModelLayout,
         states: dict[str, Any],
-    ) -> "CheckpointTensors":
-        from vllm.plugins.bitsandbytes.checkpoint import (
-            quantize_in_flight,
-            read_prequantized_4bit,
-            read_prequantized_int8,
+    ) -> CheckpointTensors:
+        checkpoint = readable_checkpoint(
+            self._reader.get_all_weights(model_config, model), model_config.model
         )
-        from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
-        from vllm.plugins.bitsandbytes.state_checks import readable_checkpoint
-
-        def open_checkpoint() -> "CheckpointTensors":
-            return readable_checkpoint(
-                self._reader.get_all_weights(model_config, model), model_config.model
-            )
-
+        tp_rank = get_tensor_model_parallel_rank()
+        tp_size = get_tensor_model_parallel_world_size()
         in_flight = checkpoint_config is None or quantization_config_overridden(
             model_config
         )
         if in_flight and checkpoint_config and checkpoint_config.get("load_in_8bit"):
             logger.info("Quantizing weights to 8-bit with bitsandbytes while loading.")
-            return quantize_in_flight_int8(
-                open_checkpoint,
-                layout,
-                states,
-                get_tensor_model_parallel_rank(),
-                get_tensor_model_parallel_world_size(),
-            )
+            return quantize_in_flight_int8(checkpoint, layout, states, tp_rank, tp_size)
         if in_flight:
             logger.info(
                 "Quantizing weights to 4-bit with bitsandbytes while loading; "
                 "this may take a while."
             )
-            return quantize_in_flight(
-                open_checkpoint,
-                layout,
-                states,
-                get_tensor_model_parallel_rank(),
-                get_tensor_model_parallel_world_size(),
-            )
+            return quantize_in_flight(checkpoint, layout, states, tp_rank, tp_size)
         if checkpoint_config.get("load_in_8bit", False):
             logger.info("Loading a pre-quantized bitsandbytes 8-bit checkpoint.")
-            return read_prequantized_int8(
-                open_checkpoint,
-                layout,
-                states,
-                get_tensor_model_parallel_rank(),
-                get_tensor_model_parallel_world_size(),
-            )
+            return read_prequantized_int8(checkpoint, layout, states, tp_rank, tp_size)
         logger.info("Loading a pre-quantized bitsandbytes 4-bit checkpoint.")
-        return read_prequantized_4bit(
-            open_checkpoint,
-            layout,
-            states,
-            get_tensor_model_parallel_rank(),
-            get_tensor_model_parallel_world_size(),
-        )
+        return read_prequantized_4bit(checkpoint, layout, states, tp_rank, tp_size)
