@@ -9,7 +9,6 @@ and scales, and each tensor-parallel rank exactly its slice of the scales (all
 of them for a row-parallel layer).
 """
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,12 +50,11 @@ def checkpoints() -> tuple[dict, dict]:
 
 
 def stream(unquantized: dict, tp_rank: int, tp_size: int) -> tuple[dict, dict]:
-    def open_checkpoint() -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(list(unquantized.items()))
-
     states: dict = {}
     weights = dict(
-        quantize_in_flight_int8(open_checkpoint, Layout(), states, tp_rank, tp_size)
+        quantize_in_flight_int8(
+            iter(list(unquantized.items())), Layout(), states, tp_rank, tp_size
+        )
     )
     return weights, states
 
