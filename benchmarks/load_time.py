@@ -20,6 +20,8 @@ memory-copy bandwidth of this machine, the ceiling for load throughput.
 
 Without ``--quick``/``--full`` it runs the quick matrix and then generates
 text once through the real engine with the fork (the README's main job).
+``--full`` also times the engine start of the unquantized tiny model on both
+sides, alternating: plugin registration in every engine process included.
 """
 
 import argparse
@@ -53,6 +55,8 @@ WORKER = Path(__file__).with_name("load_worker.py")
 QUICK_SIZES = ("llama", "llama-bench-21m")
 FULL_SIZES = (*QUICK_SIZES, "llama-bench-100m", "llama-bench-380m")
 QUICK_REPEAT, FULL_REPEAT = 3, 5
+# Engine starts of the unquantized tiny model per side (--full only), ~15 s each.
+ENGINE_START_REPEAT = 3
 # case -> (quantization= argument, registered BNB checkpoint whose config
 # pre-quantizes the size's base model, or None to load the base model).
 CASES: dict[str, tuple[str | None, str | None]] = {
@@ -312,7 +316,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(summary: dict[str, Any], copy_gbs: float) -> str:
+def table(
+    summary: dict[str, Any], copy_gbs: float, engine_start: dict[str, Any] | None
+) -> str:
     """Markdown table of medians and ratios (also pasted into the docs)."""
     lines = [
         "| model | case | ckpt MB | fork load s | upstream load s | ratio "
@@ -365,6 +371,24 @@ def table(summary: dict[str, Any], copy_gbs: float) -> str:
             f"| {label} | {_fmt(ours, '.3f')} | {_fmt(theirs, '.3f')} "
             f"| {_fmt(_ratio(ours, theirs), '.2f')} |"
         )
+    if engine_start:
+        start = engine_start["medians"]
+        lines += [
+            "",
+            "| engine start, unquantized `llama` | fork s | upstream s | ratio |",
+            "|---|--:|--:|--:|",
+        ]
+        for field, label in (
+            ("import_s", "`from vllm import LLM`"),
+            ("engine_start_s", "`LLM(...)` until ready"),
+        ):
+            ours, theirs = start["fork"][field], start["upstream"][field]
+            lines.append(
+                f"| {label} | {_fmt(ours, '.2f')} | {_fmt(theirs, '.2f')} "
+                f"| {_fmt(_ratio(ours, theirs), '.2f')} |"
+            )
+        if not engine_start["same_tokens"]:
+            lines += ["", "WARNING: the engine starts generated different tokens."]
     if errors:
         lines += ["", "Errors (first per cell):", *(f"- {e}" for e in errors)]
     if summary["code_changed_during_run"]:
@@ -423,22 +447,44 @@ def chart(summary: dict[str, Any], copy_gbs: float, path: Path) -> None:
     plt.close(fig)
 
 
-def generate_with_fork(model: Path, logs: Path) -> dict[str, Any]:
-    """Start the real engine on the fork once and generate greedily."""
-    side = fork()
+def generate(side: Side, model: Path, log: Path) -> dict[str, Any]:
+    """Start the real engine on one side and generate greedily."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "generation.json")
-        with (logs / "fork-generate.log").open("w") as log:
+        env = side.env()
+        env["VLLM_PLUGINS"] = declared_plugins(side)
+        with log.open("w") as output:
             subprocess.run(
                 [side.python, str(WORKER), "generate", str(model), str(out)],
-                env=side.env(),
-                stdout=log,
+                env=env,
+                stdout=output,
                 stderr=subprocess.STDOUT,
                 cwd=tmp,
                 check=True,
                 timeout=REQUEST_TIMEOUT_S,
             )
         return json.loads(out.read_text())
+
+
+def engine_starts(model: Path, repeat: int, logs: Path) -> dict[str, Any]:
+    """Engine start-up of an unquantized model, sides alternating: medians."""
+    samples: list[dict[str, Any]] = []
+    for rep in range(repeat):
+        for side in [fork(), upstream()] if rep % 2 == 0 else [upstream(), fork()]:
+            result = generate(side, model, logs / f"{side.name}-engine{rep}.log")
+            samples.append({"side": side.name, "rep": rep, **result})
+            print(
+                f"  engine start {rep} {side.name:8} {result['engine_start_s']:.2f} s"
+            )
+    medians = {
+        side: {
+            field: _median([s for s in samples if s["side"] == side], field)
+            for field in ("import_s", "engine_start_s")
+        }
+        for side in ("fork", "upstream")
+    }
+    same_tokens = len({tuple(s["token_ids"]) for s in samples}) == 1
+    return {"medians": medians, "same_tokens": same_tokens, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,15 +526,21 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
         "samples": {"loads": loads, "registrations": registrations},
     }
+    if name == "full":
+        report["engine_start"] = engine_starts(
+            get_checkpoint(QUICK_SIZES[0]), ENGINE_START_REPEAT, logs
+        )
     if name == "default":
-        generation = generate_with_fork(get_checkpoint(QUICK_SIZES[0]), logs)
+        generation = generate(
+            fork(), get_checkpoint(QUICK_SIZES[0]), logs / "fork-generate.log"
+        )
         print(f"fork generated from {generation['prompt']!r}:")
         print(f"  token ids: {generation['token_ids']}")
         print(f"  text: {generation['text']!r}")
         report["generation"] = generation
     report["wall_s"] = time.perf_counter() - started
 
-    text = table(summary, copy_gbs)
+    text = table(summary, copy_gbs, report.get("engine_start"))
     print(text)
     (args.out / f"load_time_{name}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"load_time_{name}.md").write_text(text + "\n")

@@ -15,8 +15,9 @@ process (its own peak RSS, nothing left over from an earlier load) without
 paying the 10-20 s vllm import per load. Answers go to ``RESPONSE_FD`` as
 JSON lines, because vLLM logs to stdout.
 
-``generate`` starts the real engine on the installed vllm and greedily
-generates once: the end-to-end check of the default benchmark run.
+``generate`` starts the real engine and greedily generates once, timing the
+start: the end-to-end check of the default benchmark run, and the engine
+start-up measurement of the full run.
 
 Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
 + vllm) so it runs under whichever vllm the interpreter resolves: the
@@ -158,16 +159,23 @@ def serve(responses: IO[str]) -> None:
 
 
 def generate(model: str) -> dict[str, Any]:
-    """Greedy generation through the real engine."""
+    """Greedy generation through the real engine, timing its start."""
+    start = time.perf_counter()
     from vllm import LLM, SamplingParams
 
+    imported = time.perf_counter()
     llm = LLM(model=model, enforce_eager=True, max_model_len=256, seed=0)
+    ready = time.perf_counter()
     params = SamplingParams(temperature=0.0, max_tokens=GENERATE_TOKENS)
     (output,) = llm.generate([GENERATE_PROMPT], params)
     return {
         "prompt": GENERATE_PROMPT,
         "token_ids": list(output.outputs[0].token_ids),
         "text": output.outputs[0].text,
+        # From the first vllm import until LLM() returns, engine core and its
+        # worker process started (each registers the plugins), model loaded.
+        "import_s": imported - start,
+        "engine_start_s": ready - imported,
     }
 
 
