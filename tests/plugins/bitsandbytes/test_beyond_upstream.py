@@ -28,17 +28,26 @@ CASES: dict[str, tuple[str, dict]] = {
     "int8": ("llama-bnb-int8", {}),
     # In-flight 8-bit of the checkpoint `llama-bnb-int8` was saved from.
     "int8-inflight": ("llama", {"hf_overrides": INT8_OVERRIDE}),
+    # One key/value head, replicated on both TP=2 ranks (upstream fails
+    # to load bitsandbytes there at all, in flight or pre-quantized).
+    "mqa-nf4": ("llama-mqa-bnb-nf4", {}),
+    "mqa-int8-inflight": ("llama-mqa", {"hf_overrides": INT8_OVERRIDE}),
 }
-# What each TP size runs: one engine start per case, seven in all. In-flight
+# What each TP size runs: one engine start per case, eleven in all. In-flight
 # 8-bit at TP=1 is also the reference of pre-quantized 8-bit at TP=2: both
 # must hold transformers' int8 bytes (see test_bnb_inflight_int8.py).
-RUNS = {1: ("nf4", "nf4-dq", "int8-inflight"), 2: tuple(CASES)}
+RUNS = {
+    1: ("nf4", "nf4-dq", "int8-inflight", "mqa-nf4", "mqa-int8-inflight"),
+    2: tuple(CASES),
+}
 # (TP=2 case, TP=1 reference)
 COMPARISONS = (
     ("nf4", "nf4"),
     ("nf4-dq", "nf4-dq"),
     ("int8", "int8-inflight"),
     ("int8-inflight", "int8-inflight"),
+    ("mqa-nf4", "mqa-nf4"),
+    ("mqa-int8-inflight", "mqa-int8-inflight"),
 )
 # The fixtures are random tiny models with nearly flat logits: one flipped
 # token changes everything after it, so even unquantized Llama agrees on only
@@ -66,7 +75,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
 def expected_rank_part(
     whole: torch.Tensor, part_shape: torch.Size, rank: int, tp: int
 ) -> torch.Tensor:
-    """Rank `rank`'s slice of one logical shard, from the shapes alone."""
+    """Rank `rank`'s slice of one logical shard, from the shapes alone.
+
+    A shard every rank holds whole (a replicated key/value head) has the
+    shape of the whole.
+    """
     if part_shape == whole.shape:
         return whole
     dim = 0 if part_shape[0] != whole.shape[0] else 1

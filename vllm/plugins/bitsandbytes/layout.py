@@ -31,36 +31,51 @@ WEIGHT_SUFFIX = ".weight"
 
 @dataclass(frozen=True)
 class RankSplit:
-    """How a checkpoint weight is cut into equal tensor-parallel parts.
+    """How a checkpoint weight is cut into tensor-parallel parts.
 
     `dim` is the dimension to cut, None for a weight every rank holds whole.
     `sections` lists the row counts of weights fused on disk (Phi-3's
     `qkv_proj`): each section is cut on its own and the parts concatenated.
+    `replicas` says how many consecutive ranks hold the same part, for the
+    weight or per section: with fewer key/value heads than ranks, each head
+    is replicated (QKVParallelLinear's `num_kv_head_replicas`).
     """
 
     dim: int | None
     sections: tuple[int, ...] = ()
+    replicas: tuple[int, ...] = ()
 
     def take(self, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
         """This rank's part of `tensor`."""
         if self.dim is None:
             return tensor
         if not self.sections:
-            part = tensor.shape[self.dim] // world_size
-            return tensor.narrow(self.dim, part * rank, part)
+            (replicas,) = self.replicas or (1,)
+            return _part(tensor, self.dim, rank, world_size, replicas)
         if tensor.shape[0] != sum(self.sections):
             raise ValueError(
                 f"A fused checkpoint weight has {tensor.shape[0]} rows but the "
                 f"layer expects sections {list(self.sections)}; check that the "
                 "checkpoint matches the model config."
             )
-        parts = []
-        start = 0
-        for rows in self.sections:
-            part = rows // world_size
-            parts.append(tensor[start + part * rank : start + part * (rank + 1)])
-            start += rows
-        return torch.cat(parts, dim=0)
+        replicas = self.replicas or (1,) * len(self.sections)
+        return torch.cat(
+            [
+                _part(section, 0, rank, world_size, section_replicas)
+                for section, section_replicas in zip(
+                    tensor.split(self.sections), replicas, strict=True
+                )
+            ]
+        )
+
+
+def _part(
+    tensor: torch.Tensor, dim: int, rank: int, world_size: int, replicas: int
+) -> torch.Tensor:
+    """Part `rank // replicas` of `world_size // replicas` equal parts."""
+    parts = world_size // replicas
+    size = tensor.shape[dim] // parts
+    return tensor.narrow(dim, size * (rank // replicas), size)
 
 
 REPLICATED = RankSplit(dim=None)
@@ -139,24 +154,35 @@ class ModelLayout:
 
     def _add_linear(self, name: str, module: vllm_linear.LinearBase) -> None:
         self.quantized_params.add(name + WEIGHT_SUFFIX)
+        # How the layer's weight is cut, whole on disk; and each of its parts
+        # stored separately (q_proj, ...), if different.
+        part_splits: tuple[RankSplit, ...] = ()
         if module.disable_tp or isinstance(module, vllm_linear.ReplicatedLinear):
-            split = part_split = REPLICATED
+            split = REPLICATED
         elif isinstance(module, vllm_linear.RowParallelLinear):
-            split = part_split = BY_COLUMNS
-        elif isinstance(
-            module,
-            (vllm_linear.QKVParallelLinear, vllm_linear.MergedColumnParallelLinear),
-        ):
-            # The whole layer on disk (fused) or each part (q_proj, ...).
+            split = BY_COLUMNS
+        elif isinstance(module, vllm_linear.QKVParallelLinear):
+            # Sections sized as on disk: q, k, v of the checkpoint.
+            kv_replicas = module.num_kv_head_replicas
+            rows = (
+                module.total_num_heads * module.head_size,
+                module.total_num_kv_heads * module.head_size,
+                module.total_num_kv_heads * module.v_head_size,
+            )
+            replicas = (1, kv_replicas, kv_replicas)
+            split = RankSplit(dim=0, sections=rows, replicas=replicas)
+            part_splits = tuple(RankSplit(dim=0, replicas=(r,)) for r in replicas)
+        elif isinstance(module, vllm_linear.MergedColumnParallelLinear):
             split = RankSplit(dim=0, sections=tuple(module.output_sizes))
-            part_split = BY_ROWS
+            part_splits = (BY_ROWS,) * len(module.output_sizes)
         else:
-            split = part_split = BY_ROWS
+            split = BY_ROWS
         self.splits[name] = split
         if packed := self.packed.get_sub_modules(name):
             packed_name, part_names = packed
             stem = name.removesuffix(packed_name)
-            for part_name in part_names:
+            for index, part_name in enumerate(part_names):
+                part_split = part_splits[index] if part_splits else split
                 self.splits.setdefault(stem + part_name, part_split)
 
     def _add_experts(self, name: str, module: RoutedExperts, model: nn.Module) -> None:
