@@ -7,8 +7,9 @@ dequantized by bitsandbytes, must equal the matching slice of the TP=1
 weights bit for bit; greedy tokens are compared as an agreement rate, since
 TP=2 adds partial sums in another order and may legitimately flip late
 tokens. In-flight 8-bit quantization (requested through `hf_overrides`) is
-checked the same way. One process per TP size runs its cases one engine
-start each.
+checked the same way, and so is a model with one key/value head, which
+every TP=2 rank holds whole. One process per TP size runs its cases, one
+engine start each.
 """
 
 import pytest
@@ -32,12 +33,13 @@ CASES: dict[str, tuple[str, dict]] = {
     # to load bitsandbytes there at all, in flight or pre-quantized).
     "mqa-nf4": ("llama-mqa-bnb-nf4", {}),
     "mqa-int8-inflight": ("llama-mqa", {"hf_overrides": INT8_OVERRIDE}),
+    "mqa-inflight": ("llama-mqa", {"quantization": "bitsandbytes"}),
 }
-# What each TP size runs: one engine start per case, eleven in all. In-flight
+# What each TP size runs: one engine start per case, thirteen in all. In-flight
 # 8-bit at TP=1 is also the reference of pre-quantized 8-bit at TP=2: both
 # must hold transformers' int8 bytes (see test_bnb_inflight_int8.py).
 RUNS = {
-    1: ("nf4", "nf4-dq", "int8-inflight", "mqa-nf4", "mqa-int8-inflight"),
+    1: ("nf4", "nf4-dq", "int8-inflight", *(c for c in CASES if c.startswith("mqa"))),
     2: tuple(CASES),
 }
 # (TP=2 case, TP=1 reference)
@@ -103,6 +105,31 @@ def test_tp2_matches_tp1(case: str, reference: str, results, record_property):
                 expected = expected_rank_part(whole, part.shape, rank, len(ranks))
                 assert torch.equal(part, expected), f"{name}[{shard}] rank {rank}"
 
+    assert_tokens_agree(case, reference, results, record_property)
+
+
+def test_tp2_in_flight_4bit_replicates_key_value_heads(results, record_property):
+    """In-flight 4-bit at TP=2 holds the one key/value head as TP=1 does.
+
+    Every rank quantizes its own part of a weight, and double quantization's
+    statistics depend on the whole part, so only what every rank holds whole
+    compares bit for bit: the key/value head, quantized from the same rows.
+    """
+    (single,) = results[1]["mqa-inflight"]["ranks"]
+    checked = 0
+    for shards in results[2]["mqa-inflight"]["ranks"]:
+        for name, parts in shards.items():
+            if name.endswith("qkv_proj.weight"):
+                for kv_shard in (1, 2):
+                    assert torch.equal(parts[kv_shard], single[name][kv_shard]), name
+                    checked += 1
+    assert checked == 2 * 2 * len(
+        [name for name in single if name.endswith("qkv_proj.weight")]
+    )
+    assert_tokens_agree("mqa-inflight", "mqa-inflight", results, record_property)
+
+
+def assert_tokens_agree(case: str, reference: str, results, record_property):
     single_tokens = results[1][reference]["tokens"]
     tp2_tokens = results[2][case]["tokens"]
     pairs = [
