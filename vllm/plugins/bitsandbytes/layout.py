@@ -161,7 +161,10 @@ class ModelLayout:
             split = REPLICATED
         elif isinstance(module, vllm_linear.RowParallelLinear):
             split = BY_COLUMNS
-        elif isinstance(module, vllm_linear.QKVParallelLinear):
+        elif (
+            isinstance(module, vllm_linear.QKVParallelLinear)
+            and len(module.output_sizes) == 3
+        ):
             # Sections sized as on disk: q, k, v of the checkpoint.
             kv_replicas = module.num_kv_head_replicas
             rows = (
@@ -172,7 +175,12 @@ class ModelLayout:
             replicas = (1, kv_replicas, kv_replicas)
             split = RankSplit(dim=0, sections=rows, replicas=replicas)
             part_splits = tuple(RankSplit(dim=0, replicas=(r,)) for r in replicas)
-        elif isinstance(module, vllm_linear.MergedColumnParallelLinear):
+        elif isinstance(
+            module,
+            (vllm_linear.QKVParallelLinear, vllm_linear.MergedColumnParallelLinear),
+        ):
+            # The whole layer on disk (fused) or each part (gate_proj, ...);
+            # QKV variants with more outputs keep the plain row split.
             split = RankSplit(dim=0, sections=tuple(module.output_sizes))
             part_splits = (BY_ROWS,) * len(module.output_sizes)
         else:
