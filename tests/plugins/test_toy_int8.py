@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures.checkpoints import get_checkpoint
+from tests.oracle.harness import ENGINE_ENV
 
 pytestmark = pytest.mark.engine
 
@@ -39,14 +40,6 @@ ENGINE_SCRIPT = HERE / "toy_int8_engine.py"
 PROMPTS = [[1, 12, 37, 99, 5], [1, 200, 3], [1, 7, 7, 7, 7, 7, 7], [1, 42, 64, 128]]
 MAX_TOKENS = 16
 ENGINE_TIMEOUT_S = 900
-ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    # collective_rpc ships the storage-reading function to the workers.
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
 TP2 = {"tensor_parallel_size": 2}
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
@@ -184,6 +177,8 @@ def run_engine(cases: list[dict], out_dir: Path, env: dict[str, str]) -> None:
     spec = out_dir / f"{cases[0]['name']}-spec.json"
     spec.write_text(json.dumps({"cases": cases}))
     full_env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+    # Its insecure serialization lets collective_rpc ship the storage-reading
+    # function to the workers.
     full_env.update(ENGINE_ENV)
     full_env.update(env)
     log = out_dir / f"{cases[0]['name']}.log"
