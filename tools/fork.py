@@ -61,8 +61,8 @@ for name in sys.argv[1:]:
         continue
     print(name)
 """
-# Patches carry little context: the base is pinned, so it never drifts.
-PATCH_CONTEXT_LINES = 1
+# git's default context, so that every hunk reads on its own.
+PATCH_CONTEXT_LINES = 3
 GIT_IDENTITY = [
     "-c", "user.name=vllm-fork-tools",
     "-c", "user.email=vllm-fork-tools@localhost",

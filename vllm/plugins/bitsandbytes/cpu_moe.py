@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from vllm.model_executor.layers.fused_moe.activation import apply_moe_activation
-from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+from vllm.model_executor.layers.fused_moe.router.cpu_router import select_experts
 
 # The layer attributes that parameterize routing, named as select_experts
 # takes them.

@@ -18,7 +18,6 @@ from torch import nn
 from vllm.logger import init_logger
 from vllm.model_executor.layers import linear as vllm_linear
 from vllm.model_executor.layers.fused_moe import RoutedExperts
-from vllm.model_executor.model_loader.utils import ParamMapping
 from vllm.model_executor.models import is_pooling_model
 from vllm.model_executor.utils import get_moe_expert_mapping, get_packed_modules_mapping
 from vllm.plugins.bitsandbytes.linear import BitsAndBytesLinearMethod
@@ -27,6 +26,32 @@ from vllm.plugins.bitsandbytes.moe import BitsAndBytesMoEMethod
 logger = init_logger(__name__)
 
 WEIGHT_SUFFIX = ".weight"
+
+
+class PackedModules:
+    """A model's `packed_modules_mapping`, looked up both ways.
+
+    `by_packed` maps a merged layer (`qkv_proj`) to the checkpoint modules it
+    is loaded from (`q_proj`, `k_proj`, `v_proj`); `by_part` maps each of those
+    to the merged layer and its position in it. A layer packed only from
+    itself (`{"W_pack": ["W_pack"]}`) has no parts.
+    """
+
+    def __init__(self, mapping: dict[str, list[str]]) -> None:
+        self.by_packed = mapping
+        self.by_part = {
+            part: (packed, index)
+            for packed, parts in mapping.items()
+            if parts != [packed]
+            for index, part in enumerate(parts)
+        }
+
+    def parts_of(self, module_name: str) -> tuple[str, list[str]] | None:
+        """The merged layer name `module_name` ends with, and its parts."""
+        for packed, parts in self.by_packed.items():
+            if module_name.endswith(packed):
+                return packed, parts
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,7 @@ class ModelLayout:
                     f"{type(model).__name__} does not support bitsandbytes "
                     f"quantization yet: it has no '{required}'."
                 )
-        self.packed = ParamMapping(get_packed_modules_mapping(model))
+        self.packed = PackedModules(get_packed_modules_mapping(model))
         # Checkpoint module name -> how its weight is split across ranks.
         self.splits: dict[str, RankSplit] = {}
         self.expert_groups: list[ExpertGroup] = []
@@ -137,8 +162,10 @@ class ModelLayout:
                 "quantize; load it without quantization='bitsandbytes'."
             )
 
-        unstacked = getattr(model, "hf_to_vllm_mapper", None)
-        self._mapper = unstacked.get_unstacked_mapper() if unstacked else None
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        # Renames and prefixes only: the stacked maps (q_proj -> qkv_proj) are
+        # what `load_weights` applies itself, on the unstacked name.
+        self._mapper = mapper.get_rename_mapper() if mapper else None
         # Pooling models are built under `model.` while their checkpoints may
         # omit that prefix.
         first_target = next(iter(self.splits))
@@ -186,7 +213,7 @@ class ModelLayout:
         else:
             split = BY_ROWS
         self.splits[name] = split
-        if packed := self.packed.get_sub_modules(name):
+        if packed := self.packed.parts_of(name):
             packed_name, part_names = packed
             stem = name.removesuffix(packed_name)
             for index, part_name in enumerate(part_names):
@@ -249,7 +276,7 @@ class ModelLayout:
         """
         if weight_name in param_names:
             return weight_name, 0
-        inverse = self.packed.inverse_packed_mapping
+        inverse = self.packed.by_part
         for part_name, (packed_name, index) in inverse.items():
             position = weight_name.find(part_name)
             if position <= 0 or weight_name[position - 1] != ".":
@@ -271,7 +298,7 @@ class ModelLayout:
             and 2 not in shards
             and any(
                 param_name.endswith(f"{packed}{WEIGHT_SUFFIX}")
-                for packed, parts in self.packed.packed_mapping.items()
+                for packed, parts in self.packed.by_packed.items()
                 if len(parts) == 3
             )
         ):

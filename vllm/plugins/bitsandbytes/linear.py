@@ -122,9 +122,12 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
             {
                 "shard_indexer": ProportionalShardIndexer(size),
                 "pack_factor": VALUES_PER_PACKED_BYTE,
-                # The one storage dimension stands for both logical ones.
+                # The one storage dimension packs both logical ones.
                 "output_dim": 0,
                 "input_dim": 0,
+                "packed_dim": 0,
+                # The loader quantizes or re-shards each rank's part itself.
+                "is_sharded_weight": True,
             },
         )
         return weight

@@ -73,9 +73,11 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
             set_weight_attrs(
                 weight,
                 {
-                    "shard_indexer": ProportionalShardIndexer(size),
-                    "experts_shape": (num_experts, rows, columns),
                     **extra_weight_attrs,
+                    "shard_indexer": ProportionalShardIndexer(size),
+                    # The loader quantizes each rank's part of every expert.
+                    "weight_loader": layer.indexed_weight_loader,
+                    "experts_shape": (num_experts, rows, columns),
                 },
             )
             layer.register_parameter(name, weight)
