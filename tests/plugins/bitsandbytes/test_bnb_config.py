@@ -20,9 +20,11 @@ def model_config(quantization_config: dict | None, enforce_eager: bool = False):
 
 
 def test_in_flight_defaults_match_upstream_empty_config():
-    # vLLM 0.27.1 built the in-flight config as BitsAndBytesConfig.from_config({}).
+    # vLLM 0.27.1 built the in-flight config as BitsAndBytesConfig.from_config({});
+    # 0.32.0 builds BitsAndBytesConfig() for a method without config files.
     from_empty = BitsAndBytesConfig.from_config({})
-    for config in (from_empty, BitsAndBytesConfig.from_model_config(None)):
+    assert BitsAndBytesConfig.get_config_filenames() == []
+    for config in (from_empty, BitsAndBytesConfig()):
         assert config.load_in_4bit is True
         assert config.load_in_8bit is False
         assert config.bnb_4bit_quant_type == "fp4"

@@ -163,14 +163,10 @@ class BitsAndBytesConfig(QuantizationConfig):
             }
         )
 
-    @classmethod
-    def from_model_config(cls, model_config: "ModelConfig") -> "BitsAndBytesConfig":
-        """Quantize an unquantized checkpoint to 4 bits while it loads."""
-        return cls()
-
     @staticmethod
     def get_config_filenames() -> list[str]:
-        # Pre-quantized checkpoints carry the config inside config.json.
+        # Pre-quantized checkpoints carry the config inside config.json; for an
+        # unquantized one vLLM then builds `cls()`, the online 4-bit config.
         return []
 
     @classmethod

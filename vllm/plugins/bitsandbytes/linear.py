@@ -9,7 +9,6 @@ checkpoints load by plain copy. The model loader attaches to every weight
 runs one bitsandbytes matmul per shard.
 """
 
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -37,12 +36,15 @@ class Packed4BitWeight(nn.Parameter):
     """Packed uint8 storage that reports the model's dtype.
 
     Code that infers the model dtype from its parameters (LoRA, dtype checks)
-    must see the activation dtype, not the packing type.
+    must see the activation dtype, not the packing type. It is fixed when the
+    weight is created: the loader quantizes under a float32 default dtype.
     """
 
-    @cached_property
+    model_dtype: torch.dtype
+
+    @property
     def dtype(self) -> torch.dtype:
-        return torch.get_default_dtype()
+        return self.model_dtype
 
 
 def packed_4bit_size(num_values: int) -> int:
@@ -107,12 +109,16 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
         if self.quant_config.load_in_8bit:
             weight = self._create_int8_weight(rows, input_size_per_partition)
         else:
-            weight = self._create_4bit_weight(rows, input_size_per_partition)
+            weight = self._create_4bit_weight(
+                rows, input_size_per_partition, params_dtype
+            )
         # Named `weight` like the checkpoint tensors it is loaded from.
         layer.register_parameter("weight", weight)
         set_weight_attrs(weight, extra_weight_attrs)
 
-    def _create_4bit_weight(self, rows: int, columns: int) -> Packed4BitWeight:
+    def _create_4bit_weight(
+        self, rows: int, columns: int, model_dtype: torch.dtype
+    ) -> Packed4BitWeight:
         size = packed_4bit_size(rows * columns)
         weight = Packed4BitWeight(
             torch.empty(size, 1, dtype=torch.uint8), requires_grad=False
@@ -120,6 +126,7 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
         set_weight_attrs(
             weight,
             {
+                "model_dtype": model_dtype,
                 "shard_indexer": ProportionalShardIndexer(size),
                 "pack_factor": VALUES_PER_PACKED_BYTE,
                 # The one storage dimension packs both logical ones.
