@@ -7,15 +7,17 @@ with the weight rows, so core's weight loaders can only place its shards
 through the `shard_indexer` hook. It needs no change to core and nothing of
 bitsandbytes' shape (see docs/quantization_hooks.md).
 
+The indexer's placements are checked against the block layout built here.
 The real engine runs on CPU in subprocesses (toy_int8_engine.py), four engine
 starts in all. Every rank's storage (Llama at TP=1 and TP=2, Phi-3 with its
-fused qkv/gate_up at TP=2) must equal, byte for byte, the layout computed here
-from the checkpoint with this file's own quantizer, and the greedy tokens at
-TP=2 must equal those of the unquantized engine loading the dequantized
-weights.
+fused qkv/gate_up at TP=2, which core's fused path cuts with the indexer)
+must equal, byte for byte, the layout computed here from the checkpoint with
+this file's own quantizer, and the greedy tokens at TP=2 must equal those of
+the unquantized engine loading the dequantized weights.
 """
 
 import importlib.metadata
+import itertools
 import json
 import os
 import shutil
@@ -26,6 +28,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures.checkpoints import get_checkpoint
@@ -92,6 +96,42 @@ def reference_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     raw += bytes(-len(raw) % width)
     scale_rows = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(-1, width)
     return torch.cat([q, scale_rows])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shard_rows=st.lists(st.integers(1, 96), min_size=1, max_size=3),
+    width=st.integers(1, 64),
+    tp_size=st.integers(1, 4),
+)
+def test_indexer_places_shards_as_blocks(
+    toy_int8_plugin: None, shard_rows: list[int], width: int, tp_size: int
+) -> None:
+    """A shard's rows map to its block, among this rank's or all ranks' blocks.
+
+    A rank's storage is its shards' blocks one after another; a weight fused
+    on disk is packed as every rank's block of a shard, shard after shard.
+    """
+    from vllm_toy_int8.toy_int8 import ScaleRowsIndexer
+
+    block_rows = [
+        reference_block(
+            torch.zeros(rows, width, dtype=torch.int8), torch.ones(rows)
+        ).shape[0]
+        for rows in shard_rows
+    ]
+    block_starts = list(itertools.accumulate(block_rows, initial=0))[:-1]
+    row_starts = list(itertools.accumulate(shard_rows, initial=0))[:-1]
+    indexer = ScaleRowsIndexer(shard_rows, width)
+    total = sum(shard_rows)
+    for rows, start, block, block_start in zip(
+        shard_rows, row_starts, block_rows, block_starts, strict=True
+    ):
+        assert indexer(start, rows, total) == (block_start, block)
+        assert indexer(tp_size * start, tp_size * rows, tp_size * total) == (
+            tp_size * block_start,
+            tp_size * block,
+        )
 
 
 def logical_shards(model_dir: Path) -> dict[str, tuple[list[torch.Tensor], int]]:

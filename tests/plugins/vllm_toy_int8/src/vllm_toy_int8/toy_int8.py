@@ -4,7 +4,8 @@
 The method exists to show that a quantization method whose storage is *not*
 the logical `[out, in]` matrix can be loaded by core's unmodified weight
 loaders through the `shard_indexer` hook, with core doing the tensor-parallel
-narrowing (`loaded_is_sharded=False`).
+narrowing (the parameter is packed, `packed_dim == output_dim == 0`, and not
+`is_sharded_weight`).
 
 Quantization of a row `w` (bf16 from the checkpoint, computed in float32)::
 
@@ -26,31 +27,32 @@ the `ScaleRowsIndexer` places the shards instead. The parameter's
 `weight_loader` quantizes the whole (unsharded) checkpoint tensor into a
 sequence of such blocks, one per TP rank, and hands it to core's loader,
 which cuts out this rank's block and copies it to the indexer's placement.
+A weight fused on disk is packed shard by shard, each shard's blocks for all
+ranks together, and core's fused path cuts the shards out of it with the
+same indexer, called with all ranks' rows.
+
+The checkpoint carries no quantization config and the method reads no config
+file, so vLLM builds `ToyInt8Config()`, which quantizes while loading.
 """
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
-from vllm.model_executor.parameter import ShardPlacement
 from vllm.model_executor.utils import set_weight_attrs
-
-if TYPE_CHECKING:
-    from vllm.config import ModelConfig
-
-logger = init_logger(__name__)
 
 NAME = "toy_int8"
 SCALE_BYTES = torch.finfo(torch.float32).bits // 8
+# Shard ids of a QKV layer, in the order of its `output_partition_sizes`.
+QKV_SHARD_IDS = ("q", "k", "v")
 
 
 def scale_rows(rows: int, width: int) -> int:
@@ -103,29 +105,36 @@ def dequantize(storage: torch.Tensor, block_rows: list[int]) -> torch.Tensor:
 
 
 class ScaleRowsIndexer:
-    """`shard_indexer`: each shard is followed by its scale rows in storage."""
+    """`shard_indexer`: each shard is followed by its scale rows in storage.
 
-    def __init__(self, width: int, storage_rows: int) -> None:
+    Built once per layer from this rank's logical shard sizes, so that a
+    shard's placement is a dictionary look-up: it starts at its logical
+    offset plus the scale rows of the shards before it.
+    """
+
+    def __init__(self, shard_rows: list[int], width: int) -> None:
         self.width = width
-        self.storage_rows = storage_rows
+        self.rows = sum(shard_rows)
+        # First logical row of each shard on this rank -> storage rows taken
+        # by the scales of the shards before it.
+        self.scale_rows_before: dict[int, int] = {}
+        offset = scales = 0
+        for rows in shard_rows:
+            self.scale_rows_before[offset] = scales
+            offset += rows
+            scales += scale_rows(rows, width)
 
-    def __call__(
-        self,
-        shard_table: Mapping[str | int, tuple[int, int]] | None,
-        shard_id: str | int | None,
-        tp_rank: int,
-        tp_size: int,
-    ) -> ShardPlacement:
-        if shard_table is None or shard_id is None:
-            return ShardPlacement(0, self.storage_rows, False)
-        offset, rows = shard_table[shard_id]
-        scale_rows_before = sum(
-            scale_rows(size, self.width)
-            for other_offset, size in shard_table.values()
-            if other_offset < offset
-        )
-        return ShardPlacement(
-            offset + scale_rows_before, rows + scale_rows(rows, self.width), False
+    def __call__(self, offset: int, size: int, total: int) -> tuple[int, int]:
+        # `total` is this rank's rows, or all ranks' rows for a weight fused
+        # on disk. `QuantizingWeightLoader` packs a fused weight shard by
+        # shard, each as one block per rank, so there every offset and size
+        # is the rank's one times the number of ranks.
+        ranks = total // self.rows
+        offset //= ranks
+        size //= ranks
+        return (
+            ranks * (offset + self.scale_rows_before[offset]),
+            ranks * (size + scale_rows(size, self.width)),
         )
 
 
@@ -140,12 +149,13 @@ class QuantizingWeightLoader:
     """
 
     def __init__(
-        self, layer: Module, core_loader: Callable[..., None], logical_rows: int
+        self, core_loader: Callable[..., None], shard_rows: list[int], tp_size: int
     ) -> None:
-        self.layer = layer
         self.core_loader = core_loader
-        # Output rows of this rank's whole partition (used by unmerged layers).
-        self.logical_rows = logical_rows
+        # This rank's rows of each logical shard, in `QKV_SHARD_IDS` order
+        # for a QKV layer.
+        self.shard_rows = shard_rows
+        self.tp_size = tp_size
 
     def __call__(
         self,
@@ -153,28 +163,39 @@ class QuantizingWeightLoader:
         loaded_weight: torch.Tensor,
         shard_id: str | int | None = None,
     ) -> None:
-        shard_table = getattr(self.layer, "logical_shard_table", None)
-        if shard_table is not None and shard_id is None:
-            # Fused on disk (Phi-3 qkv_proj, gate_up_proj): load shard by shard.
-            # Core's own fused path cuts the loaded tensor at this rank's
-            # storage placements, which only fits already sharded tensors.
-            sizes = [size * self.layer.tp_size for _, size in shard_table.values()]
-            if sum(sizes) != loaded_weight.shape[0]:
-                raise ValueError(
-                    f"toy_int8 cannot split a fused weight of {loaded_weight.shape[0]}"
-                    f" rows into shards of {sizes} rows (replicated KV heads are "
-                    "not supported); load an unfused checkpoint instead."
-                )
-            parts = loaded_weight.split(sizes)
-            for part_id, part in zip(shard_table, parts, strict=True):
-                self(param, part, part_id)
-            return
-        rows = self.logical_rows if shard_table is None else shard_table[shard_id][1]
-        packed = pack(loaded_weight, rows, param.shape[1])
-        if shard_id is None:
-            self.core_loader(param, packed)
-        else:
+        width = param.shape[1]
+        if shard_id is not None:
+            index = (
+                QKV_SHARD_IDS.index(shard_id) if isinstance(shard_id, str) else shard_id
+            )
+            packed = pack(loaded_weight, self.shard_rows[index], width)
             self.core_loader(param, packed, shard_id)
+        elif len(self.shard_rows) == 1:
+            self.core_loader(param, pack(loaded_weight, self.shard_rows[0], width))
+        else:
+            self.core_loader(param, self.pack_fused(loaded_weight, width))
+
+    def pack_fused(self, loaded_weight: torch.Tensor, width: int) -> torch.Tensor:
+        """Pack a weight fused on disk (Phi-3 qkv_proj, gate_up_proj).
+
+        Each shard is packed into one block per rank, shard after shard:
+        core's fused loader cuts out each shard where the indexer says and
+        loads it like an unfused one.
+        """
+        sizes = [rows * self.tp_size for rows in self.shard_rows]
+        if sum(sizes) != loaded_weight.shape[0]:
+            raise ValueError(
+                f"toy_int8 cannot split a fused weight of {loaded_weight.shape[0]}"
+                f" rows into shards of {sizes} rows (replicated KV heads are "
+                "not supported); load an unfused checkpoint instead."
+            )
+        parts = loaded_weight.split(sizes)
+        return torch.cat(
+            [
+                pack(part, rows, width)
+                for part, rows in zip(parts, self.shard_rows, strict=True)
+            ]
+        )
 
 
 class ToyInt8LinearMethod(LinearMethodBase):
@@ -202,9 +223,12 @@ class ToyInt8LinearMethod(LinearMethodBase):
             {
                 "input_dim": 1,
                 "output_dim": 0,
-                "shard_indexer": ScaleRowsIndexer(width, storage_rows),
+                # Packed along the output rows: core's merged and QKV loaders
+                # then place shards with the indexer.
+                "packed_dim": 0,
+                "shard_indexer": ScaleRowsIndexer(self.block_rows, width),
                 "weight_loader": QuantizingWeightLoader(
-                    layer, core_loader, sum(self.block_rows)
+                    core_loader, self.block_rows, layer.tp_size
                 ),
                 **extra_weight_attrs,
             },
@@ -234,16 +258,11 @@ class ToyInt8Config(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
+        # None: vLLM then uses `ToyInt8Config()` for unquantized checkpoints.
         return []
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ToyInt8Config":
-        return cls()
-
-    @classmethod
-    def from_model_config(cls, model_config: "ModelConfig") -> "ToyInt8Config":
-        # The checkpoint is unquantized: quantize it while loading.
-        logger.info("Quantizing %s to %s while loading.", model_config.model, NAME)
         return cls()
 
     def get_weight_byte_size(self) -> float:
