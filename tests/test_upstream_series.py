@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fork exported as one upstream series applies to pristine 0.27.1 patch
-by patch, each step imports and passes its unit tests, and the end result is
-the fork."""
+"""The fork exported as one upstream series applies to pristine 0.32.0 (the
+pinned base) patch by patch, each step imports and passes its unit tests, and
+the end result is the fork."""
 
 import subprocess
 import sys

@@ -129,11 +129,15 @@ def test_layers_sit_at_the_measured_tp_position(
 
 @pytest.mark.parametrize("position", POSITIONS, ids=lambda p: f"tp{p[0]}-rank{p[1]}")
 def test_unquantized_weight_loaders_execute_what_upstream_executes(
-    probes: dict[tuple, Any], position: tuple[int, int]
+    probes: dict[tuple, Any], position: tuple[int, int], record_property
 ) -> None:
     """Per call, lines and opcodes equal pristine 0.32.0's, in every case."""
     fork_counts = _counts(probes, "fork", position)
     upstream_counts = _counts(probes, "upstream", position)
+    for side, counts in (("fork", fork_counts), ("upstream", upstream_counts)):
+        record_property(
+            f"{side}_opcodes", sum(case["opcodes"] for case in counts.values())
+        )
     assert fork_counts.keys() == upstream_counts.keys()
     differing = [
         f"{case} {metric}: fork {ours[metric]}, upstream {theirs[metric]}"

@@ -1,0 +1,209 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Moving the series onto a new upstream release.
+
+The tree gets the current base's pristine sources as a commit tagged
+`base-old` with the series applied on top, and the new base's sources as a
+child commit of `base-old` on the branch `upstream`, tagged `base`. The series
+is then replayed with `git rebase --onto base base-old fork`: every blob a
+patch was made against is in the repository, so git merges three-way and
+stops only at true conflicts, which are resolved in the tree.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import git
+from .base import (
+    BUILD,
+    CONFIG,
+    CONFIG_PATH,
+    Base,
+    download,
+    log,
+    sha256_of,
+    unpack_pristine,
+)
+from .series import (
+    BASE_TAG,
+    BRANCH,
+    base_message,
+    import_sources,
+    link_overlay,
+    new_repository,
+    series,
+)
+
+OLD_BASE_TAG = "base-old"
+UPSTREAM_BRANCH = "upstream"
+
+
+@dataclass
+class Replay:
+    """Where replaying the series onto a new base got to."""
+
+    replayed: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    stopped_at: str | None = None
+    conflicts: list[str] = field(default_factory=list)
+
+
+def replay(
+    tree: Path,
+    old_pristine: Path,
+    new_pristine: Path,
+    patches: list[Path],
+    old_message: str,
+    new_message: str,
+) -> Replay:
+    """Build `tree` from two pristine directories and replay `patches`.
+
+    `patches` must apply to `old_pristine`. The result says which patches are
+    on the new base so far, which git dropped because the new base already
+    has their change, and where a conflict stopped the rebase.
+    """
+    repo = new_repository(
+        tree, old_pristine, old_message, OLD_BASE_TAG, link_binaries=False
+    )
+    if patches and not git.am(repo, patches):
+        raise SystemExit(
+            f"the series does not apply to its own base ({old_message}); "
+            "run `tools/fork.py check` and fix patches/ first."
+        )
+    subjects = git.subjects(repo, f"{OLD_BASE_TAG}..{BRANCH}")
+    repo.run("checkout", "-q", "-b", UPSTREAM_BRANCH, OLD_BASE_TAG)
+    git.clear_work_tree(repo)
+    import_sources(new_pristine, tree)
+    git.commit_all(repo, new_message)
+    repo.run("tag", BASE_TAG)
+    finished = git.rebase_onto(repo, BASE_TAG, OLD_BASE_TAG, BRANCH)
+    result = Replay(replayed=git.subjects(repo, f"{BASE_TAG}..HEAD"))
+    if finished:
+        result.dropped = [s for s in subjects if s not in result.replayed]
+    else:
+        stopped_at = repo.output("log", "-1", "--format=%s", "REBASE_HEAD")
+        result.stopped_at = stopped_at.strip()
+        result.conflicts = git.unmerged_paths(repo)
+    return result
+
+
+def update_pins(text: str, version: str, pins: dict[str, tuple[str, str]]) -> str:
+    """tools/fork.toml's text with `base_version` and, for each flavor in
+    `pins`, `[base.<flavor>]`'s filename and sha256 replaced; comments stay."""
+    section = ""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        key = stripped.partition("=")[0].strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]").strip()
+        elif section == "fork" and key == "base_version":
+            line = f'base_version = "{version}"\n'
+        elif section.startswith("base.") and key in ("filename", "sha256"):
+            flavor = section.removeprefix("base.")
+            if flavor in pins:
+                value = pins[flavor][0 if key == "filename" else 1]
+                line = f'{key} = "{value}"\n'
+        lines.append(line)
+    updated = "".join(lines)
+    expected = tomllib.loads(text)
+    expected["fork"]["base_version"] = version
+    for flavor, (filename, sha256) in pins.items():
+        expected["base"][flavor].update(filename=filename, sha256=sha256)
+    if tomllib.loads(updated) != expected:
+        raise SystemExit("could not update tools/fork.toml; edit its pins by hand.")
+    return updated
+
+
+def download_base(current: Base, version: str, sha256: str | None) -> tuple[str, str]:
+    """Download the wheel of `version` for `current`'s flavor: (file, sha256).
+
+    Without an expected sha256, the download's is pinned as it is.
+    """
+    wheel = download(f"{current.distribution}=={version}", version)
+    actual = sha256_of(wheel)
+    if sha256 is None:
+        log(
+            f"pinning {wheel.name} with sha256 {actual}: compare it with the one "
+            "PyPI lists for that file"
+        )
+    elif actual != sha256:
+        wheel.unlink()
+        raise SystemExit(f"{wheel.name} has sha256 {actual}, not {sha256}; removed.")
+    return wheel.name, actual
+
+
+def rebase(version: str, sha256s: dict[str, str | None], tree: Path) -> Replay:
+    """Pin `version` in tools/fork.toml and replay the series onto it in `tree`."""
+    old = Base.load("cpu")
+    if version == old.version:
+        raise SystemExit(f"the fork is already based on {version}.")
+    if (tree / ".git").is_dir() and git.operation_in_progress(git.Repo(tree)):
+        raise SystemExit(
+            f"{tree} is in the middle of a rebase or am: finish or abort it first."
+        )
+    pins = {
+        flavor: download_base(Base.load(flavor), version, sha256s.get(flavor))
+        for flavor in CONFIG["base"]
+    }
+    # The new base is unpacked where the old one is; keep the old aside.
+    old_pristine = BUILD / "pristine-old"
+    shutil.rmtree(old_pristine, ignore_errors=True)
+    unpack_pristine(old).rename(old_pristine)
+    CONFIG_PATH.write_text(update_pins(CONFIG_PATH.read_text(), version, pins))
+    config: dict[str, Any] = tomllib.loads(CONFIG_PATH.read_text())
+    new = Base.load("cpu", config)
+    log(f"tools/fork.toml now pins {version}; replaying {len(series())} patches")
+    result = replay(
+        tree,
+        old_pristine,
+        unpack_pristine(new),
+        series(),
+        base_message(old),
+        base_message(new),
+    )
+    shutil.rmtree(old_pristine)
+    link_overlay(tree, new.pristine)
+    return result
+
+
+def instructions(result: Replay, tree: Path, version: str) -> str:
+    """What to do next, for the person running the rebase."""
+    finish = [
+        "tools/fork.py export           # patches/ against the new base",
+        "tools/fork.py check",
+        "tools/fork.py build && tools/fork.py install",
+        "tools/fork.py materialize --flavor cuda && tools/fork.py build --flavor cuda"
+        " && tools/fork.py check-wheel --flavor cuda",
+        "git diff tools/fork.toml patches/   # review, then run the tests",
+    ]
+    if result.stopped_at is None:
+        lines = [f"all {len(result.replayed)} patches are on {version}."]
+        if result.dropped:
+            lines.append(
+                "dropped, because the new base already has their change: "
+                + "; ".join(result.dropped)
+            )
+        steps = finish
+    else:
+        lines = [
+            f"{len(result.replayed)} patches are on {version}; git stopped at "
+            f"{result.stopped_at!r} with conflicts in: {', '.join(result.conflicts)}.",
+            f"Resolve them in {tree} (`git diff base-old base -- <file>` shows "
+            "what upstream changed):",
+        ]
+        steps = [
+            f"(cd {tree} && $EDITOR <file> && git add <file>)   # each conflict",
+            f"(cd {tree} && git rebase --continue)   # until it finishes;"
+            " `--skip` drops the patch",
+            *finish,
+        ]
+    lines += [f"    {step}" for step in steps]
+    lines.append(
+        "To start over: `git checkout tools/fork.toml` and run the rebase again."
+    )
+    return "\n".join(lines)
