@@ -21,7 +21,8 @@ start-up measurement of the full run.
 
 Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
 + vllm) so it runs under whichever vllm the interpreter resolves: the
-installed fork, or pristine upstream through ``PYTHONPATH``.
+installed fork, or a pristine tree through ``PYTHONPATH`` (0.32.0 with
+``vllm-bnb-plugin`` next to it, or 0.27.1).
 """
 
 import json
@@ -92,8 +93,9 @@ def _in_child(request: dict[str, Any]) -> dict[str, Any]:
         try:
             result = load_once(**request)
         except Exception as exc:  # recorded in the table, not raised
-            lines = str(exc).strip().splitlines() or [""]
-            result = {"error": f"{type(exc).__name__}: {lines[0][:300]}"}
+            # One line: pydantic puts the reason after a header line.
+            message = " ".join(line.strip() for line in str(exc).splitlines())
+            result = {"error": f"{type(exc).__name__}: {message[:300]}"}
         with os.fdopen(write_fd, "w") as out:
             json.dump(result, out)
         os._exit(0)
@@ -101,7 +103,9 @@ def _in_child(request: dict[str, Any]) -> dict[str, Any]:
     with os.fdopen(read_fd) as answer:
         text = answer.read()
     _, status = os.waitpid(pid, 0)
-    return json.loads(text) if text else {"error": f"load died (status {status})"}
+    if not text:
+        return {"error": f"LoadDied: the load process died (wait status {status})"}
+    return json.loads(text)
 
 
 def serve(responses: IO[str]) -> None:
@@ -121,10 +125,13 @@ def serve(responses: IO[str]) -> None:
     load_general_plugins()
     registered = time.perf_counter()
     # What every CPU engine worker has done before it loads a model: import
-    # the model runner and turn torch.accelerator calls into no-ops (BNB's
-    # loader empties the accelerator cache). Done once here, untimed, so the
-    # children fork from an identical state on both sides; bitsandbytes too,
-    # which each side imports at a different moment (config or layer).
+    # the model runner and turn torch.accelerator calls into no-ops. Without
+    # that, a bare loader call fails on a host without an accelerator: 0.32.0's
+    # BaseModelLoader.load_model empties the accelerator cache on every load,
+    # 0.27.1's BNB loader does. 0.27.1 and 0.32.0 both have the function.
+    # Done once here, untimed, so the children fork from an identical state
+    # on every side; bitsandbytes too, which each side imports at a different
+    # moment (config, layer or loader).
     import bitsandbytes  # noqa: F401
 
     from vllm.config.load import LoadConfig
@@ -132,10 +139,17 @@ def serve(responses: IO[str]) -> None:
     from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
 
     _set_torch_accelerator_to_noop()
-    # The loaders the loads use: upstream imports its bitsandbytes loader with
-    # the model-loader package, the fork's plugin on the format's first use.
+    # The loaders the loads use: 0.27.1 imports its bitsandbytes loader with
+    # the model-loader package, vllm-bnb-plugin registers its own during
+    # load_general_plugins(), the fork's plugin imports it on the format's
+    # first use. A side without one fails only the loads that need it, each
+    # with the loader's own error.
+    missing_loaders: dict[str, str] = {}
     for load_format in ("auto", "bitsandbytes"):
-        get_model_loader(LoadConfig(load_format=load_format))
+        try:
+            get_model_loader(LoadConfig(load_format=load_format))
+        except ValueError as exc:
+            missing_loaders[load_format] = str(exc)
     ready = time.perf_counter()
 
     def respond(message: dict[str, Any]) -> None:
@@ -152,6 +166,7 @@ def serve(responses: IO[str]) -> None:
             "loader_imports_s": ready - registered,
             "version": vllm.__version__,
             "file": vllm.__file__,
+            "missing_loaders": missing_loaders,
         }
     )
     for line in sys.stdin:

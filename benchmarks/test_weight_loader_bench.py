@@ -2,8 +2,9 @@
 r"""pytest-benchmark timings of single unquantized weight-loader calls.
 
 The calls are exactly those ``tests/test_zero_cost.py`` counts (built by
-``tests/zero_cost_probe.py``). Run this file once per side, each in its own
-process, and compare with pytest-benchmark's own tool::
+``tests/zero_cost_probe.py``). Run this file on the fork and on pristine
+0.32.0, its base (``build/pristine``, no plugins), each in its own process,
+and compare with pytest-benchmark's own tool::
 
     B="benchmarks/test_weight_loader_bench.py"
     S="build/benchmarks/weight_loader"

@@ -8,8 +8,9 @@ weights bit for bit; greedy tokens are compared as an agreement rate, since
 TP=2 adds partial sums in another order and may legitimately flip late
 tokens. In-flight 8-bit quantization (requested through `hf_overrides`) is
 checked the same way, and so is a model with one key/value head, which
-every TP=2 rank holds whole. One process per TP size runs its cases, one
-engine start each.
+every TP=2 rank holds whole; requesting in-flight 8-bit with
+`--quantization-config` must load exactly what `hf_overrides` loads. One
+process per TP size runs its cases, one engine start each.
 """
 
 import pytest
@@ -29,18 +30,28 @@ CASES: dict[str, tuple[str, dict]] = {
     "int8": ("llama-bnb-int8", {}),
     # In-flight 8-bit of the checkpoint `llama-bnb-int8` was saved from.
     "int8-inflight": ("llama", {"hf_overrides": INT8_OVERRIDE}),
+    "int8-quantization-config": (
+        "llama",
+        {"quantization": "bitsandbytes", "quantization_config": {"load_in_8bit": True}},
+    ),
     # One key/value head, replicated on both TP=2 ranks (upstream fails
     # to load bitsandbytes there at all, in flight or pre-quantized).
     "mqa-nf4": ("llama-mqa-bnb-nf4", {}),
     "mqa-int8-inflight": ("llama-mqa", {"hf_overrides": INT8_OVERRIDE}),
     "mqa-inflight": ("llama-mqa", {"quantization": "bitsandbytes"}),
 }
-# What each TP size runs: one engine start per case, thirteen in all. In-flight
+# What each TP size runs: one engine start per case, fourteen in all. In-flight
 # 8-bit at TP=1 is also the reference of pre-quantized 8-bit at TP=2: both
 # must hold transformers' int8 bytes (see test_bnb_inflight_int8.py).
 RUNS = {
-    1: ("nf4", "nf4-dq", "int8-inflight", *(c for c in CASES if c.startswith("mqa"))),
-    2: tuple(CASES),
+    1: (
+        "nf4",
+        "nf4-dq",
+        "int8-inflight",
+        "int8-quantization-config",
+        *(c for c in CASES if c.startswith("mqa")),
+    ),
+    2: tuple(c for c in CASES if c != "int8-quantization-config"),
 }
 # (TP=2 case, TP=1 reference)
 COMPARISONS = (
@@ -149,3 +160,17 @@ def assert_tokens_agree(case: str, reference: str, results, record_property):
         f"{agreement:.3f} overall, {first_agreement:.2f} on the first token"
     )
     assert first_agreement >= MIN_FIRST_TOKEN_AGREEMENT
+
+
+def test_quantization_config_requests_in_flight_int8(results) -> None:
+    """`--quantization-config '{"load_in_8bit": true}'` equals `hf_overrides`."""
+    via_argument = results[1]["int8-quantization-config"]
+    via_override = results[1]["int8-inflight"]
+    (argument_shards,) = via_argument["ranks"]
+    (override_shards,) = via_override["ranks"]
+    assert argument_shards.keys() == override_shards.keys()
+    assert argument_shards
+    for name, parts in argument_shards.items():
+        for ours, theirs in zip(parts, override_shards[name], strict=True):
+            assert torch.equal(ours, theirs), name
+    assert via_argument["tokens"] == via_override["tokens"]

@@ -12,9 +12,18 @@ import torch
 from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
 
 
-def model_config(quantization_config: dict | None, enforce_eager: bool = False):
+def model_config(
+    quantization_config: dict | None,
+    enforce_eager: bool = False,
+    quantization_config_arg: dict | None = None,
+):
+    """The ModelConfig fields the hooks read: the checkpoint's (or overridden)
+    `quantization_config` and the `--quantization-config` argument."""
     return SimpleNamespace(
+        model="/models/m",
         model_arch_config=SimpleNamespace(quantization_config=quantization_config),
+        quantization_config=quantization_config_arg,
+        hf_overrides={},
         enforce_eager=enforce_eager,
     )
 
@@ -99,6 +108,20 @@ def test_8bit_checkpoints_run_eagerly(checkpoint, eager_after):
     config = model_config(checkpoint)
     BitsAndBytesConfig.verify_model_config(config)
     assert config.enforce_eager is eager_after
+
+
+def test_quantization_config_argument_asks_for_online_int8():
+    config = model_config(None, quantization_config_arg={"load_in_8bit": True})
+    assert BitsAndBytesConfig.takes_quantization_config_arg()
+    BitsAndBytesConfig.verify_model_config(config)
+    assert config.enforce_eager is True
+
+
+def test_quantization_config_argument_is_refused_for_a_quantized_checkpoint():
+    checkpoint = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config = model_config(checkpoint, quantization_config_arg={"load_in_8bit": True})
+    with pytest.raises(ValueError, match="already quantized; drop --quantization"):
+        BitsAndBytesConfig.verify_model_config(config)
 
 
 def test_checkpoint_settings_are_checked_before_loading():

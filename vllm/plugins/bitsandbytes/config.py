@@ -65,15 +65,21 @@ def checkpoint_quantization_config(model_config: "ModelConfig") -> dict | None:
     return model_config.model_arch_config.quantization_config
 
 
-def quantization_config_overridden(model_config: "ModelConfig") -> bool:
-    """Whether the user, not the checkpoint, supplied `quantization_config`.
+def online_settings(model_config: "ModelConfig") -> dict | None:
+    """The settings a user gave for quantizing while loading, None if none.
 
-    `hf_overrides={"quantization_config": {...}}` is how a user asks for a
-    bitsandbytes setting (such as `load_in_8bit`) that has no engine argument;
-    the checkpoint itself is then unquantized and is quantized while loading.
+    Either `--quantization-config '{"load_in_8bit": true}'` with
+    `--quantization bitsandbytes` (core keeps it as a dict, see
+    `takes_quantization_config_arg`), or, as before,
+    `hf_overrides={"quantization_config": {...}}`, which stands in for the
+    checkpoint's own. The checkpoint is then unquantized.
     """
+    if isinstance(model_config.quantization_config, dict):
+        return model_config.quantization_config
     overrides = model_config.hf_overrides
-    return isinstance(overrides, dict) and "quantization_config" in overrides
+    if isinstance(overrides, dict) and "quantization_config" in overrides:
+        return checkpoint_quantization_config(model_config)
+    return None
 
 
 def _has_type(value: object, expected: Any) -> bool:
@@ -174,6 +180,11 @@ class BitsAndBytesConfig(QuantizationConfig):
         return LOAD_FORMAT
 
     @classmethod
+    def takes_quantization_config_arg(cls) -> bool:
+        # `--quantization-config '{"load_in_8bit": true}'` asks for LLM.int8().
+        return True
+
+    @classmethod
     def verify_model_config(cls, model_config: "ModelConfig") -> None:
         """Check library and checkpoint early; keep 8-bit out of CUDA graphs.
 
@@ -182,10 +193,19 @@ class BitsAndBytesConfig(QuantizationConfig):
         """
         require_bitsandbytes()
         checkpoint_config = checkpoint_quantization_config(model_config)
-        if checkpoint_config is None:
+        if checkpoint_config is not None and isinstance(
+            model_config.quantization_config, dict
+        ):
+            raise ValueError(
+                "--quantization-config sets how bitsandbytes quantizes an "
+                f"unquantized checkpoint while loading, but {model_config.model} "
+                "is already quantized; drop --quantization-config."
+            )
+        settings = online_settings(model_config) or checkpoint_config
+        if settings is None:
             return
-        # Validates the checkpoint's settings before any worker starts.
-        config = cls.from_config(checkpoint_config)
+        # Validates the settings before any worker starts.
+        config = cls.from_config(settings)
         if config.load_in_8bit and not model_config.enforce_eager:
             logger.warning(
                 "bitsandbytes 8-bit models cannot run under CUDA graphs; "

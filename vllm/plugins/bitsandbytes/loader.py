@@ -3,8 +3,8 @@
 """Model loader for `load_format="bitsandbytes"`.
 
 It reads a checkpoint three ways: an unquantized one is cut per tensor-parallel
-rank and quantized to 4 bits on the fly (or to LLM.int8() when the user
-overrides the model's `quantization_config` with `load_in_8bit`); a
+rank and quantized to 4 bits on the fly (or to LLM.int8() when the user asks
+for `load_in_8bit` with `--quantization-config` or `hf_overrides`); a
 pre-quantized 4-bit or LLM.int8() checkpoint is copied as stored. The model's
 own `load_weights` places the tensors (through each parameter's
 `shard_indexer`); afterwards the collected quantization states are attached to
@@ -38,7 +38,7 @@ from vllm.plugins.bitsandbytes.checkpoint import (
 from vllm.plugins.bitsandbytes.config import (
     BitsAndBytesCheckpointError,
     checkpoint_quantization_config,
-    quantization_config_overridden,
+    online_settings,
     require_bitsandbytes,
 )
 from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
@@ -109,10 +109,9 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         )
         tp_rank = get_tensor_model_parallel_rank()
         tp_size = get_tensor_model_parallel_world_size()
-        in_flight = checkpoint_config is None or quantization_config_overridden(
-            model_config
-        )
-        if in_flight and checkpoint_config and checkpoint_config.get("load_in_8bit"):
+        settings = online_settings(model_config)
+        in_flight = checkpoint_config is None or settings is not None
+        if in_flight and settings and settings.get("load_in_8bit"):
             logger.info("Quantizing weights to 8-bit with bitsandbytes while loading.")
             return quantize_in_flight_int8(checkpoint, layout, states, tp_rank, tp_size)
         if in_flight:
