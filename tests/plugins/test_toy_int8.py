@@ -72,13 +72,17 @@ def toy_int8_plugin() -> None:
         )
     except importlib.metadata.PackageNotFoundError:
         direct_url = None
-    if direct_url and json.loads(direct_url).get("url") == PLUGIN_DIR.as_uri():
-        return
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
-        + ["--no-build-isolation", "-e", str(PLUGIN_DIR)],
-        check=True,
-    )
+    if not (direct_url and json.loads(direct_url).get("url") == PLUGIN_DIR.as_uri()):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
+            + ["--no-build-isolation", "-e", str(PLUGIN_DIR)],
+            check=True,
+        )
+    # An editable install is seen by new interpreters (the engine runs); this
+    # one read its site-packages before the install.
+    source = str(PLUGIN_DIR / "src")
+    if source not in sys.path:
+        sys.path.insert(0, source)
 
 
 def reference_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,9 @@
 git       project-agnostic git helpers
 base      the pinned upstream wheels (base and oracles): fetch, verify, unpack
 series    patches/ and the git trees materialized from it
-wheel     packing a tree as the `vllm` wheel, and checking a built wheel
+wheel     packing a tree as the `vllm` wheel (or an editable one), and checking
+          a built wheel
+pep517    the PEP 517 build backend behind `pip install .` and `pip install -e .`
 upstream  the fork as one upstream series, and checking it patch by patch
 rebase    moving the series onto a new upstream release
 """

@@ -10,6 +10,7 @@ directory holds).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,12 @@ def download(requirement: str, version: str) -> Path:
     pip skips a file that is already there. Returns the wheel of `version`;
     more than one candidate (several platforms cached) is an error.
     """
+    if importlib.util.find_spec("pip") is None:
+        # E.g. a `--no-build-isolation` build in an environment without pip.
+        raise SystemExit(
+            f"{requirement} must be downloaded into {WHEELS}, but {sys.executable} "
+            "has no pip: install pip there, or put the wheel in that directory."
+        )
     log(f"downloading {requirement}")
     WHEELS.mkdir(parents=True, exist_ok=True)
     subprocess.run(
