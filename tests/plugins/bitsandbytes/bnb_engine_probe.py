@@ -6,7 +6,8 @@ Tests call `run`, which starts this file as a script on a JSON spec
 (``{"cases": [{"model": path, "llm_kwargs": {...}}], "prompts": [[ids]],
 "max_tokens": n}``) and reads back, per case, every rank's bitsandbytes
 weights dequantized per logical shard (with bitsandbytes' own functions) and
-the greedy token ids. Several cases run one after another in one process, so
+the greedy token ids, and the raw storage and state fields of each weight
+(`raw`, for byte-level oracles). Several cases run one after another in one process, so
 an engine start is paid once per case, never once per check.
 """
 
@@ -24,6 +25,21 @@ MAX_TOKENS = 16
 TIMEOUT_S = 900
 
 
+def state_fields(state: Any) -> dict[str, Any]:
+    """What a 4-bit `QuantState` holds, as plain values; int8 scales as is."""
+    if isinstance(state, torch.Tensor):
+        return {"scales": state.cpu()}
+    return {
+        "absmax": state.absmax.cpu(),
+        "code": state.code.cpu(),
+        "blocksize": state.blocksize,
+        "shape": tuple(state.shape),
+        "dtype": str(state.dtype),
+        "quant_type": state.quant_type,
+        "nested": state.nested,
+    }
+
+
 def dequantized_shards(worker: Any) -> dict[str, Any]:
     """Runs in every TP worker: each bnb weight as logical per-shard matrices.
 
@@ -32,10 +48,17 @@ def dequantized_shards(worker: Any) -> dict[str, Any]:
     from bitsandbytes.functional import dequantize_4bit
 
     shards: dict[str, list[torch.Tensor]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     for name, param in worker.get_model().named_parameters():
         states = getattr(param, "bnb_quant_state", None)
         if states is None:
             continue
+        raw[name] = {
+            "data": param.data.cpu().clone(),
+            "states": state_fields(states)
+            if not isinstance(states, dict)
+            else {index: state_fields(state) for index, state in states.items()},
+        }
         if not isinstance(states, dict):
             # Fused-MoE experts: one state for all experts' packed bytes.
             whole = dequantize_4bit(param.data.reshape(-1, 1), states)
@@ -51,7 +74,7 @@ def dequantized_shards(worker: Any) -> dict[str, Any]:
             else:
                 parts.append(dequantize_4bit(data, states[index]).float().cpu())
         shards[name] = parts
-    return {"rank": worker.rank, "shards": shards}
+    return {"rank": worker.rank, "shards": shards, "raw": raw}
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -72,6 +95,7 @@ def main(spec_path: str, result_path: str) -> None:
         results.append(
             {
                 "ranks": [rank["shards"] for rank in ranks],
+                "raw": [rank["raw"] for rank in ranks],
                 "tokens": [list(out.outputs[0].token_ids) for out in outputs],
             }
         )

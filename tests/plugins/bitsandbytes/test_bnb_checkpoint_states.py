@@ -19,8 +19,8 @@ from vllm.plugins.bitsandbytes.checkpoint import (
 )
 from vllm.plugins.bitsandbytes.layout import BY_ROWS, ExpertGroup, ExpertShard
 from vllm.plugins.bitsandbytes.states import (
-    _flatten_double_quant,
     _fuse_expert_states,
+    flatten_double_quant,
 )
 
 bnb = pytest.importorskip("bitsandbytes.functional")
@@ -108,6 +108,50 @@ def test_prequantized_4bit_weight_and_state_in_either_order(weight_first):
     )
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_4bit_bytes_stored_as_another_type_are_read_as_bytes(storage):
+    """FSDP-QLoRA stores the packed bytes typed like the other parameters."""
+    checkpoint, _ = saved_4bit("nf4", False)
+    packed = checkpoint[WEIGHT]
+    checkpoint[WEIGHT] = packed.view(-1).view(storage).reshape(-1, 1)
+    states: dict = {}
+    streamed = dict(
+        read_prequantized_4bit(stream(checkpoint), Layout(), states, storage=storage)
+    )
+    assert streamed[WEIGHT].dtype == torch.uint8
+    assert torch.equal(streamed[WEIGHT], packed)
+
+
+def test_4bit_bytes_of_another_type_than_declared_are_refused():
+    checkpoint, _ = saved_4bit("nf4", False)
+    checkpoint[WEIGHT] = checkpoint[WEIGHT].view(-1).view(torch.float16).reshape(-1, 1)
+    with pytest.raises(ValueError, match="is torch.float16 of shape"):
+        consume_4bit(checkpoint)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantized_weight_of_an_unquantized_layer_is_dequantized(double_quant):
+    """transformers 4.x quantized MoE routers, which vLLM keeps unquantized."""
+    checkpoint, saved_state = saved_4bit("nf4", double_quant)
+    states: dict = {}
+    layout = Layout(quantized_weight="another.weight")
+    streamed = dict(read_prequantized_4bit(stream(checkpoint), layout, states))
+    assert list(streamed) == ["norm.weight", WEIGHT]
+    assert states == {}
+    expected = bnb.dequantize_4bit(checkpoint[WEIGHT], saved_state)
+    assert streamed[WEIGHT].dtype == torch.bfloat16
+    assert torch.equal(streamed[WEIGHT], expected)
+
+
+def test_unquantized_column_weight_without_state_passes_through():
+    """A weight merely shaped like packed codes is the model's own."""
+    column = torch.arange(8, dtype=torch.uint8).reshape(8, 1)
+    streamed = dict(
+        read_prequantized_4bit(stream({"scale.weight": column}), Layout(), {})
+    )
+    assert streamed["scale.weight"] is column
+
+
 def consume_4bit(checkpoint: dict) -> None:
     list(read_prequantized_4bit(stream(checkpoint), Layout(), {}))
 
@@ -192,12 +236,12 @@ def test_double_quant_is_flattened_without_changing_values():
         random_weight(64, 256), quant_type="nf4", compress_statistics=True
     )
     expected = bnb.dequantize_4bit(packed, state)
-    flat = _flatten_double_quant(state)
+    flat = flatten_double_quant(state)
     assert not flat.nested and flat.state2 is None and flat.offset is None
     assert flat.absmax.dtype == torch.float32
     assert torch.equal(bnb.dequantize_4bit(packed, flat), expected)
     scales = torch.rand(4)
-    assert _flatten_double_quant(scales) is scales
+    assert flatten_double_quant(scales) is scales
 
 
 def test_expert_states_fuse_in_storage_order():

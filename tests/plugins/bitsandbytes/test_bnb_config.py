@@ -67,8 +67,8 @@ def test_reads_a_transformers_quantization_config():
 def test_unsupported_settings_are_refused():
     with pytest.raises(ValueError, match="nf4"):
         BitsAndBytesConfig.from_config({"bnb_4bit_quant_type": "int4"})
-    with pytest.raises(ValueError, match="uint8"):
-        BitsAndBytesConfig(bnb_4bit_quant_storage="bfloat16")
+    with pytest.raises(ValueError, match="uint8, bfloat16"):
+        BitsAndBytesConfig(bnb_4bit_quant_storage="int32")
     # 8-bit checkpoints carry transformers' unused 4-bit fields.
     assert BitsAndBytesConfig(load_in_8bit=True, bnb_4bit_quant_type="x").load_in_8bit
 

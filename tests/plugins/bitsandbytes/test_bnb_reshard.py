@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from vllm.plugins.bitsandbytes.layout import BY_COLUMNS, BY_ROWS, RankSplit
 from vllm.plugins.bitsandbytes.reshard import reshard_4bit, reshard_int8_scales
-from vllm.plugins.bitsandbytes.states import _flatten_double_quant
+from vllm.plugins.bitsandbytes.states import flatten_double_quant
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -70,7 +70,7 @@ def expected_parts(
 def check_4bit(weight, split, world_size, blocksize, quant_type, nested):
     packed, state = quantize(weight, blocksize, quant_type, nested)
     whole = dequantize(packed, state)
-    _flatten_double_quant(state)
+    flatten_double_quant(state)
     for rank, expected in enumerate(expected_parts(whole, split, world_size)):
         part, part_state = reshard_4bit(
             "layer.weight", packed, state, split, rank, world_size
@@ -101,7 +101,7 @@ def test_row_split_is_exact_or_refused(
         check_4bit(weight, BY_ROWS, world_size, blocksize, quant_type, nested)
         return
     packed, state = quantize(weight, blocksize, quant_type, nested)
-    _flatten_double_quant(state)
+    flatten_double_quant(state)
     with pytest.raises(ValueError, match=rf"layer\.weight \(\d+x{cols}, blocks of"):
         reshard_4bit("layer.weight", packed, state, BY_ROWS, 0, world_size)
 
@@ -126,7 +126,7 @@ def test_column_split_is_exact_or_refused(
         check_4bit(weight, BY_COLUMNS, world_size, blocksize, quant_type, nested)
         return
     packed, state = quantize(weight, blocksize, quant_type, nested)
-    _flatten_double_quant(state)
+    flatten_double_quant(state)
     with pytest.raises(ValueError, match="by columns across"):
         reshard_4bit("layer.weight", packed, state, BY_COLUMNS, 1, world_size)
 

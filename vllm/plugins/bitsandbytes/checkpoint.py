@@ -25,7 +25,7 @@ from vllm.plugins.bitsandbytes.state_checks import (
     check_int8_weight,
     parse_4bit_state,
 )
-from vllm.plugins.bitsandbytes.states import _flatten_double_quant
+from vllm.plugins.bitsandbytes.states import flatten_double_quant
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 logger = init_logger(__name__)
@@ -38,12 +38,9 @@ IN_FLIGHT_QUANT_TYPE = "nf4"
 IN_FLIGHT_DOUBLE_QUANT = True
 PROGRESS_LOG_INTERVAL_S = 30.0
 
-# Components transformers saves next to a 4-bit weight `<name>.weight`.
+# Components transformers saves next to a 4-bit weight `<name>.weight`, besides
+# the packed non-tensor fields `<name>.weight.quant_state.bitsandbytes__<type>`.
 STATE_COMPONENTS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-# The non-tensor fields (shape, dtype, quant type, ...) packed into one tensor
-# named `<weight>.quant_state.bitsandbytes__<quant type>`.
-PACKED_STATE_HOLDER = "quant_state"
-PACKED_STATE_TYPE_PREFIX = "bitsandbytes__"
 INT8_SCALE_SUFFIX = ".scb"
 INT8_FORMAT_SUFFIX = ".weight_format"
 
@@ -122,10 +119,9 @@ def _owner_of_4bit_component(weight_name: str) -> tuple[str, str] | None:
     owner, _, component = weight_name.rpartition(".")
     if component in STATE_COMPONENTS_4BIT:
         return owner, component
-    if component.startswith(PACKED_STATE_TYPE_PREFIX):
-        owner, _, holder = owner.rpartition(".")
-        if holder == PACKED_STATE_HOLDER:
-            return owner, f"{holder}.{component}"
+    owner, found, packed_type = weight_name.rpartition("." + PACKED_STATE_PREFIX)
+    if found:
+        return owner, PACKED_STATE_PREFIX + packed_type
     return None
 
 
@@ -145,19 +141,55 @@ def _has_complete_4bit_state(components: dict[str, torch.Tensor]) -> bool:
     )
 
 
+def _packed_bytes(tensor: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """Packed 4-bit codes stored as `storage` elements, as the bytes they are.
+
+    bitsandbytes writes the codes into a buffer of the storage type, so its
+    memory read as uint8 is exactly a uint8 checkpoint's `(bytes, 1)` column.
+    Tensors of any other type are left for `check_4bit_weight` to refuse.
+    """
+    if tensor.dtype != storage or storage == torch.uint8:
+        return tensor
+    return tensor.contiguous().view(torch.uint8).reshape(-1, 1)
+
+
+def _is_packed_column(tensor: torch.Tensor, storage: torch.dtype) -> bool:
+    """Whether a tensor is laid out as transformers stores packed 4-bit codes."""
+    return tensor.dtype == storage and tensor.dim() == 2 and tensor.shape[1] == 1
+
+
+def _dequantized(weight_name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
+    """A quantized checkpoint weight of a layer vLLM keeps unquantized.
+
+    transformers 4.x quantized every `nn.Linear` but the output embedding,
+    MoE routers (`gate`, `shared_expert_gate`) included, while vLLM builds
+    routers unquantized; they get their weights back as bitsandbytes
+    dequantizes them, in the dtype the state records.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+
+    check_4bit_weight(weight_name, tensor, state)
+    device = current_platform.device_type
+    state.to(device)  # in place
+    return dequantize_4bit(tensor.to(device), state)
+
+
 def read_prequantized_4bit(
     checkpoint: CheckpointTensors,
     layout: ModelLayout,
     states: dict[str, Any],
     tp_rank: int = 0,
     tp_size: int = 1,
+    storage: torch.dtype = torch.uint8,
 ) -> CheckpointTensors:
     """Stream packed 4-bit weights, each once its `QuantState` is rebuilt.
 
     The checkpoint is read once. transformers saves `<name>.weight` before
     its state components, so a weight waits (as the reader's lazy view of the
     file) until they have all been read. Under tensor parallelism each weight
-    is cut to this rank's part, see `reshard`.
+    is cut to this rank's part, see `reshard`. `storage` is the checkpoint's
+    `bnb_4bit_quant_storage` type. A packed weight of a layer the model does
+    not quantize is dequantized, see `_dequantized`.
     """
     components: dict[str, dict[str, torch.Tensor]] = {}
     waiting: dict[str, tuple[str, torch.Tensor]] = {}
@@ -167,11 +199,14 @@ def read_prequantized_4bit(
         weight_name: str, name: str, tensor: torch.Tensor
     ) -> tuple[str, torch.Tensor]:
         state = parse_4bit_state(weight_name, components.pop(weight_name))
-        check_4bit_weight(weight_name, tensor, state)
+        tensor = _packed_bytes(tensor, storage)
         split = layout.split_of(weight_name)
-        if tp_size > 1 and split is not None and split.dim is not None:
+        if split is None:
+            return name, _dequantized(weight_name, tensor, state)
+        check_4bit_weight(weight_name, tensor, state)
+        if tp_size > 1 and split.dim is not None:
             # Block scales are sliced, so they must be plain floats first.
-            _flatten_double_quant(state)
+            flatten_double_quant(state)
             tensor, state = reshard_4bit(
                 weight_name, tensor, state, split, tp_rank, tp_size
             )
@@ -191,7 +226,9 @@ def read_prequantized_4bit(
             components.setdefault(owner, {})[component] = _detached(tensor)
             if owner in waiting and _has_complete_4bit_state(components[owner]):
                 yield with_state(owner, *waiting.pop(owner))
-        elif layout.split_of(weight_name) is None:
+        elif layout.split_of(weight_name) is None and not _is_packed_column(
+            tensor, storage
+        ):
             yield name, tensor
         elif _has_complete_4bit_state(components.get(weight_name, {})):
             yield with_state(weight_name, name, tensor)
@@ -199,13 +236,18 @@ def read_prequantized_4bit(
             waiting[weight_name] = (name, tensor)
 
     for weight_name, (name, tensor) in waiting.items():
-        if weight_name not in components:
+        if weight_name in components:
+            yield with_state(weight_name, name, tensor)
+        elif layout.split_of(weight_name) is None:
+            # Shaped like packed codes, but stored without a state: a weight
+            # of the model's own.
+            yield name, tensor
+        else:
             raise BitsAndBytesCheckpointError(
                 f"The checkpoint stores {weight_name} without a bitsandbytes "
                 "quant_state although the model quantizes that layer; re-export "
                 "the checkpoint with that layer quantized."
             )
-        yield with_state(weight_name, name, tensor)
     progress.done()
 
 

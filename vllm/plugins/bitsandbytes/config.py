@@ -22,6 +22,10 @@ logger = init_logger(__name__)
 # The load format of the plugin's model loader, named as in vLLM before.
 LOAD_FORMAT = "bitsandbytes"
 SUPPORTED_4BIT_QUANT_TYPES = ("nf4", "fp4")
+# Element types the packed 4-bit bytes may be stored as. FSDP-QLoRA stores
+# them typed like the model's other parameters so that FSDP can shard them;
+# the bytes are the same, the loader reads them as bytes.
+SUPPORTED_4BIT_QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 
 
 class BitsAndBytesCheckpointError(ValueError):
@@ -127,11 +131,10 @@ class BitsAndBytesConfig(QuantizationConfig):
                     f"quantization_config has {setting.name}={value!r}, which is "
                     f"not a {setting.type}; fix the checkpoint's config.json."
                 )
-        if self.bnb_4bit_quant_storage != "uint8":
+        if self.bnb_4bit_quant_storage not in SUPPORTED_4BIT_QUANT_STORAGE:
             raise ValueError(
                 f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r} is not "
-                "supported; re-quantize the checkpoint with "
-                "bnb_4bit_quant_storage='uint8'."
+                f"supported; use one of {', '.join(SUPPORTED_4BIT_QUANT_STORAGE)}."
             )
         if (
             not self.load_in_8bit
@@ -212,6 +215,11 @@ class BitsAndBytesConfig(QuantizationConfig):
                 "falling back to eager mode."
             )
             model_config.enforce_eager = True
+
+    @property
+    def quant_storage_dtype(self) -> torch.dtype:
+        """The element type a pre-quantized checkpoint stores 4-bit bytes as."""
+        return getattr(torch, self.bnb_4bit_quant_storage)
 
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str

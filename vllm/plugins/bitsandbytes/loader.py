@@ -37,6 +37,7 @@ from vllm.plugins.bitsandbytes.checkpoint import (
 )
 from vllm.plugins.bitsandbytes.config import (
     BitsAndBytesCheckpointError,
+    BitsAndBytesConfig,
     checkpoint_quantization_config,
     online_settings,
     require_bitsandbytes,
@@ -124,4 +125,7 @@ class BitsAndBytesModelLoader(BaseModelLoader):
             logger.info("Loading a pre-quantized bitsandbytes 8-bit checkpoint.")
             return read_prequantized_int8(checkpoint, layout, states, tp_rank, tp_size)
         logger.info("Loading a pre-quantized bitsandbytes 4-bit checkpoint.")
-        return read_prequantized_4bit(checkpoint, layout, states, tp_rank, tp_size)
+        storage = BitsAndBytesConfig.from_config(checkpoint_config).quant_storage_dtype
+        return read_prequantized_4bit(
+            checkpoint, layout, states, tp_rank, tp_size, storage
+        )

@@ -58,7 +58,7 @@ def attach_quant_states(
             )
         _check_shard_shapes(name, model.get_submodule(name.rpartition(".")[0]), shards)
         for state in shards.values():
-            _flatten_double_quant(state)
+            flatten_double_quant(state)
         sizes = [
             math.prod(shards[index].shape) // param.pack_factor
             for index in range(len(shards))
@@ -94,7 +94,7 @@ def _check_shard_shapes(name: str, layer: nn.Module, shards: dict[int, Any]) -> 
         )
 
 
-def _flatten_double_quant(state: Any) -> Any:
+def flatten_double_quant(state: Any) -> Any:
     """Dequantize a double-quantized absmax once, at load time.
 
     Double quantization stores the 4-bit block scales (absmax) themselves
@@ -130,7 +130,7 @@ def _fuse_expert_states(group: ExpertGroup, states: dict[str, Any]) -> dict[str,
                 f"weight {shard.weight_name}; the checkpoint stores it "
                 "unquantized or not at all."
             )
-        by_shard[shard.shard_id][shard.expert_id] = _flatten_double_quant(state)
+        by_shard[shard.shard_id][shard.expert_id] = flatten_double_quant(state)
     experts = sorted(by_shard["w1"])
     if sorted(by_shard["w2"]) != experts or sorted(by_shard["w3"]) != experts:
         raise BitsAndBytesCheckpointError(
