@@ -5,15 +5,24 @@
 with per-row scales while loading, into storage that interleaves scale rows
 with the weight rows, so core's weight loaders can only place its shards
 through the `shard_indexer` hook. It needs no change to core and nothing of
-bitsandbytes' shape (see docs/quantization_hooks.md).
+bitsandbytes' shape (see docs/quantization_hooks.md). It also needs what
+vllm-bnb-plugin monkeypatches `EngineArgs` for on pristine vLLM, its own model
+loader and eager mode, and reads its settings from `--quantization-config`;
+each comes from a config hook, and the plugin's source assigns nothing onto
+vLLM (the in-tree plugin's AST contracts, applied to it).
 
 The indexer's placements are checked against the block layout built here.
-The real engine runs on CPU in subprocesses (toy_int8_engine.py), four engine
-starts in all. Every rank's storage (Llama at TP=1 and TP=2, Phi-3 with its
-fused qkv/gate_up at TP=2, which core's fused path cuts with the indexer)
-must equal, byte for byte, the layout computed here from the checkpoint with
-this file's own quantizer, and the greedy tokens at TP=2 must equal those of
-the unquantized engine loading the dequantized weights.
+The real engine runs on CPU in subprocesses (toy_int8_engine.py): four
+engine starts and three refusals (one while loading, two before any engine
+starts), in three processes. Every rank's storage (Llama at TP=1 and TP=2,
+Phi-3 with its fused qkv/gate_up at TP=2, which core's fused path cuts with
+the indexer) must equal, byte for byte, the layout computed here from the
+checkpoint with this file's own quantizer, and the greedy tokens at TP=2 must
+equal those of the unquantized engine loading the dequantized weights. The
+Phi-3 run leaves o_proj unquantized by a `--quantization-config` setting. The
+toy_int8 runs pass neither `enforce_eager` nor `load_format`: every worker
+must run eagerly and load through the plugin's loader, whose refusal of a
+checkpoint that lacks a weight shows it ran.
 """
 
 import importlib.metadata
@@ -23,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from tests import test_import_contracts as import_contracts
 from tests.fixtures.checkpoints import get_checkpoint
 from tests.oracle.harness import ENGINE_ENV
 
@@ -39,13 +50,26 @@ pytestmark = pytest.mark.engine
 
 HERE = Path(__file__).resolve().parent
 PLUGIN_DIR = HERE / "vllm_toy_int8"
+PLUGIN_SOURCE = PLUGIN_DIR / "src" / "vllm_toy_int8"
 ENGINE_SCRIPT = HERE / "toy_int8_engine.py"
 
 PROMPTS = [[1, 12, 37, 99, 5], [1, 200, 3], [1, 7, 7, 7, 7, 7, 7], [1, 42, 64, 128]]
 MAX_TOKENS = 16
 ENGINE_TIMEOUT_S = 900
+DTYPE = torch.bfloat16
 TP2 = {"tensor_parallel_size": 2}
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+TOY = {"quantization": "toy_int8"}
+# Phi-3's run leaves its o_proj layers unquantized, by the plugin's setting.
+PHI3_SKIP = ["o_proj"]
+# Dropped from a copy of the Llama checkpoint: the plugin's loader must refuse it.
+MISSING_WEIGHT = "model.layers.0.mlp.down_proj.weight"
+# toy_int8 runs: (case, checkpoint, TP size, layers left unquantized)
+TOY_RUNS = [
+    ("llama-tp1", "llama", 1, []),
+    ("llama-tp2", "llama", 2, []),
+    ("phi3-tp2", "phi3", 2, PHI3_SKIP),
+]
 
 # The linear layers of a Llama-like layer: vLLM parameter -> the logical
 # shards stacked in it (checkpoint names) and the dim tensor parallelism
@@ -186,6 +210,11 @@ def expected_storage(
     return torch.cat(blocks)
 
 
+def is_skipped(name: str, skipped: list[str]) -> bool:
+    """Whether the plugin's `skip_modules` setting names this layer."""
+    return not set(skipped).isdisjoint(name.split("."))
+
+
 def write_dequantized_checkpoint(model_dir: Path, out: Path) -> Path:
     """Copy of an unfused checkpoint whose linear weights are dequantized."""
     shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -199,14 +228,23 @@ def write_dequantized_checkpoint(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def write_checkpoint_without(model_dir: Path, name: str, out: Path) -> Path:
+    """Copy of a checkpoint that lacks the tensor `name`."""
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def engine_case(name: str, model: Path, **llm_kwargs: Any) -> dict[str, Any]:
+    """One LLM run; `enforce_eager` and `load_format` only if given here."""
     return {
         "name": name,
         "model": str(model),
         "llm_kwargs": {
-            "enforce_eager": True,
             "max_model_len": 256,
-            "dtype": "bfloat16",
+            "dtype": str(DTYPE).removeprefix("torch."),
             "seed": 0,
             "skip_tokenizer_init": True,
             **llm_kwargs,
@@ -243,19 +281,44 @@ def engine_runs(toy_int8_plugin, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy_int8")
     llama, phi3 = get_checkpoint("llama"), get_checkpoint("phi3")
     dequantized = write_dequantized_checkpoint(llama, out / "llama-dequantized")
-    run_engine([engine_case("llama-tp1", llama, quantization="toy_int8")], out, {})
+    incomplete = write_checkpoint_without(llama, MISSING_WEIGHT, out / "incomplete")
     run_engine(
         [
-            engine_case("llama-tp2", llama, quantization="toy_int8", **TP2),
-            engine_case("llama-dequantized-tp2", dequantized, **TP2),
-            engine_case("phi3-tp2", phi3, quantization="toy_int8", **TP2),
+            engine_case("llama-tp1", llama, **TOY),
+            # Refused while the config is built, before any engine starts.
+            engine_case(
+                "misspelled-setting",
+                llama,
+                quantization_config={"skip_module": PHI3_SKIP},
+                **TOY,
+            ),
+            # Refused by the plugin's loader; last, as a failed load may leave
+            # the process unfit for another engine.
+            engine_case("missing-weight", incomplete, **TOY),
+        ],
+        out,
+        {},
+    )
+    run_engine(
+        [
+            engine_case("llama-tp2", llama, **TOY, **TP2),
+            engine_case(
+                "llama-dequantized-tp2", dequantized, enforce_eager=True, **TP2
+            ),
+            engine_case(
+                "phi3-tp2",
+                phi3,
+                quantization_config={"skip_modules": PHI3_SKIP},
+                **TOY,
+                **TP2,
+            ),
         ],
         out,
         TP2_ENV,
     )
     # The plugin filter excludes toy_int8: the engine must refuse to start.
     run_engine(
-        [engine_case("disabled", llama, quantization="toy_int8")],
+        [engine_case("disabled", llama, **TOY)],
         out,
         {"VLLM_PLUGINS": "bitsandbytes"},
     )
@@ -266,24 +329,37 @@ def result(out: Path, name: str) -> dict[str, Any]:
     return json.loads((out / f"{name}.json").read_text())
 
 
+def case_kwargs(out: Path, name: str) -> dict[str, Any]:
+    """The `LLM(...)` arguments a case ran with, from the run's spec."""
+    for spec in out.glob("*-spec.json"):
+        for case in json.loads(spec.read_text())["cases"]:
+            if case["name"] == name:
+                return case["llm_kwargs"]
+    raise KeyError(name)
+
+
 def tokens(out: Path, name: str) -> list[list[int]]:
     run = result(out, name)
     assert run["status"] == "ok", f"{name} failed: {run.get('error')}"
     return run["token_ids"]
 
 
-@pytest.mark.parametrize(
-    ("case", "checkpoint", "tp"),
-    [("llama-tp1", "llama", 1), ("llama-tp2", "llama", 2), ("phi3-tp2", "phi3", 2)],
-)
-def test_storage_is_exact_per_rank(engine_runs: Path, case, checkpoint, tp) -> None:
-    """Each rank holds exactly its slice of the reference quantization."""
+@pytest.mark.parametrize(("case", "checkpoint", "tp", "skipped"), TOY_RUNS)
+def test_storage_is_exact_per_rank(
+    engine_runs: Path, case: str, checkpoint: str, tp: int, skipped: list[str]
+) -> None:
+    """Each rank holds exactly its slice of the reference quantization.
+
+    Layers named by the `--quantization-config` setting hold none.
+    """
     assert result(engine_runs, case)["status"] == "ok"
     shards = logical_shards(get_checkpoint(checkpoint))
+    quantized = {name for name in shards if not is_skipped(name, skipped)}
     for rank in range(tp):
         storage = load_file(engine_runs / f"{case}-rank{rank}.safetensors")
-        assert storage.keys() == shards.keys()
-        for name, (weights, split_dim) in shards.items():
+        assert storage.keys() == quantized
+        for name in quantized:
+            weights, split_dim = shards[name]
             expected = expected_storage(weights, split_dim, rank, tp)
             actual = storage[name]
             assert actual.shape == expected.shape, (rank, name)
@@ -292,6 +368,20 @@ def test_storage_is_exact_per_rank(engine_runs: Path, case, checkpoint, tp) -> N
                 f"rank {rank} {name}: {wrong_rows.numel()} of {len(expected)} "
                 f"storage rows differ, first {wrong_rows[:8].tolist()}"
             )
+
+
+def test_skip_setting_leaves_its_layers_unquantized(engine_runs: Path) -> None:
+    """The `--quantization-config` setting reached every worker's config."""
+    layers = logical_shards(get_checkpoint("phi3")).keys()
+    for rank in result(engine_runs, "phi3-tp2")["ranks"]:
+        expected = {
+            name.removesuffix(".weight"): "UnquantizedLinearMethod"
+            if is_skipped(name, PHI3_SKIP)
+            else "ToyInt8LinearMethod"
+            for name in layers
+        }
+        assert rank["linear_methods"] == expected
+        assert "UnquantizedLinearMethod" in expected.values()
 
 
 def test_tokens_equal_dequantized_reference(engine_runs: Path) -> None:
@@ -313,9 +403,116 @@ def test_tp2_starts_like_tp1(engine_runs: Path) -> None:
     assert [t[0] for t in tp2] == [t[0] for t in tp1]
 
 
+@pytest.mark.parametrize(("case", "checkpoint", "tp", "skipped"), TOY_RUNS)
+def test_every_rank_runs_eagerly_through_the_plugins_loader(
+    engine_runs: Path, case: str, checkpoint: str, tp: int, skipped: list[str]
+) -> None:
+    """`verify_model_config` and `get_required_load_format` reach every worker.
+
+    The run passed neither `enforce_eager` nor `load_format`. On the CPU
+    platform vLLM would otherwise compile the model (torch.compile) and load
+    it with the default loader (load format "auto").
+    """
+    assert (
+        case_kwargs(engine_runs, case)
+        .keys()
+        .isdisjoint({"enforce_eager", "load_format", "compilation_config"})
+    )
+    run = result(engine_runs, case)
+    assert run["status"] == "ok", run.get("error")
+    assert sorted(rank["rank"] for rank in run["ranks"]) == list(range(tp))
+    for rank in run["ranks"]:
+        assert rank["enforce_eager"] is True, rank
+        assert rank["compilation_mode"] == "NONE", rank
+        assert rank["load_format"] == TOY["quantization"], rank
+
+
+def test_loader_refuses_a_checkpoint_without_a_weight(engine_runs: Path) -> None:
+    """The plugin's loader ran: it requires every parameter from the checkpoint.
+
+    vLLM's default loader checks that only for unquantized models, so with it
+    toy_int8 would compute with the uninitialized storage of that layer.
+    """
+    run = result(engine_runs, "missing-weight")
+    assert run["status"] == "error"
+    assert "not initialized from checkpoint" in run["error"]
+    assert MISSING_WEIGHT in run["error"]
+
+
+def test_misspelled_setting_is_refused_by_the_plugin(engine_runs: Path) -> None:
+    """`--quantization-config` reaches the plugin's `from_config` through
+    `verify_model_config`, while the model config is validated (before any
+    engine starts), not vLLM's online-quantization schema."""
+    run = result(engine_runs, "misspelled-setting")
+    assert run["status"] == "error"
+    error = run["error"]
+    assert "validation error for ModelConfig" in error, error
+    assert "QuantizationConfigArgs" not in error, error
+    assert "toy_int8" in error and "'skip_module'" in error, error
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"),
+    [
+        ("llama-tp1", torch.int8),
+        ("llama-tp2", torch.int8),
+        ("llama-dequantized-tp2", DTYPE),
+    ],
+)
+def test_performance_metrics_use_the_stored_weight_size(
+    engine_runs: Path, case: str, dtype: torch.dtype
+) -> None:
+    """vLLM's performance metrics take toy_int8's bytes per weight from the
+    `get_weight_byte_size` hook (a method they do not list by name)."""
+    sizes = result(engine_runs, case)["weight_byte_size"]
+    assert (sizes["attn"], sizes["ffn"]) == (dtype.itemsize, dtype.itemsize)
+
+
 def test_disabled_plugin_is_a_clear_error(engine_runs: Path) -> None:
     """Core names the filtered-out plugin and says how to enable it."""
     run = result(engine_runs, "disabled")
     assert run["status"] == "error"
     assert "provided by the plugin 'toy_int8'" in run["error"]
     assert "add 'toy_int8' to VLLM_PLUGINS" in run["error"]
+
+
+def test_loader_is_registered_by_name(toy_int8_plugin: None) -> None:
+    """Registering imports no loader; the load format resolves to the plugin's."""
+    code = (
+        "import sys\n"
+        "import vllm_toy_int8\n"
+        "vllm_toy_int8.register(); vllm_toy_int8.register()\n"
+        "print('vllm_toy_int8.loader' in sys.modules)\n"
+        "from vllm.config.load import LoadConfig\n"
+        "from vllm.model_executor.model_loader import get_model_loader\n"
+        "loader = get_model_loader(LoadConfig(load_format='toy_int8'))\n"
+        "print(type(loader).__module__)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    imported_at_registration, loader_module = run.stdout.split()[-2:]
+    assert imported_at_registration == "False"
+    assert loader_module == "vllm_toy_int8.loader"
+
+
+@pytest.mark.parametrize(
+    "contract",
+    [
+        import_contracts.test_plugin_assigns_nothing_onto_vllm,
+        import_contracts.test_plugin_imports_only_public_core_api,
+    ],
+    ids=["assigns-nothing-onto-vllm", "public-core-api-only"],
+)
+def test_plugin_source_keeps_the_plugin_contracts(
+    contract: Callable[[], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-tree plugin's AST checks (no monkeypatching), on this plugin."""
+    monkeypatch.setattr(import_contracts, "PLUGIN", PLUGIN_SOURCE)
+    monkeypatch.setattr(import_contracts, "PLUGIN_PACKAGE", PLUGIN_SOURCE.name)
+    assert {path.name for path in PLUGIN_SOURCE.glob("*.py")} >= {
+        "__init__.py",
+        "loader.py",
+        "toy_int8.py",
+    }
+    contract()

@@ -5,11 +5,17 @@ Usage: ``python toy_int8_engine.py SPEC.json OUT_DIR``
 
 SPEC is ``{"cases": [case, ...]}`` with, per case, ``name``, ``model``,
 ``llm_kwargs``, ``prompts`` (token ids) and ``max_tokens``. For each case this
-writes ``OUT_DIR/<name>.json``: ``{"status": "ok", "token_ids": [...]}`` or
-``{"status": "error", "error": "Type: message"}``, and, for a run that
-loaded, ``OUT_DIR/<name>-rank<r>.safetensors`` with every int8 parameter of
-that TP rank's model (the toy_int8 storage). Cases run one after another;
-the caller groups them by environment (e.g. ``VLLM_PLUGINS``, OpenMP binding).
+writes ``OUT_DIR/<name>.json``: ``{"status": "error", "error": "Type:
+message"}``, or ``{"status": "ok", "token_ids": [...], "ranks": [...],
+"weight_byte_size": {...}}`` with, per TP rank, the configuration its worker
+ran with (load format, eager mode, compilation mode) and the quantization
+method of each linear layer, and the bytes per weight vLLM's performance
+metrics use per component. A run that loaded also writes
+``OUT_DIR/<name>-rank<r>.safetensors`` with every int8 parameter of that TP
+rank's model (the toy_int8 storage). Before each case a line ``=== case <name>`` goes to
+stdout, so the caller can tell which case logged what. Cases run one after
+another; the caller groups them by environment (e.g. ``VLLM_PLUGINS``,
+OpenMP binding).
 """
 
 import json
@@ -21,28 +27,62 @@ from typing import Any
 import torch
 
 
-def int8_parameters(worker: Any) -> tuple[int, dict[str, torch.Tensor]]:
-    """Runs in each TP worker: its rank and its int8 parameters."""
-    params = {
+def worker_state(worker: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Runs in each TP worker: its rank and configuration, its int8 parameters.
+
+    Only the int8 storage can be read back: on CPU, an unquantized linear
+    layer's weight is repacked for the GEMM kernel and the parameter emptied.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
+    vllm_config = worker.vllm_config
+    model = worker.get_model()
+    config = {
+        "rank": worker.rank,
+        "load_format": vllm_config.load_config.load_format,
+        "enforce_eager": vllm_config.model_config.enforce_eager,
+        "compilation_mode": vllm_config.compilation_config.mode.name,
+        "linear_methods": {
+            name: type(module.quant_method).__name__
+            for name, module in model.named_modules()
+            if isinstance(module, LinearBase)
+        },
+    }
+    storage = {
         name: param.detach().clone()
-        for name, param in worker.get_model().named_parameters()
+        for name, param in model.named_parameters()
         if param.dtype == torch.int8
     }
-    return worker.rank, params
+    return config, storage
+
+
+def metrics_weight_byte_size(vllm_config: Any) -> dict[str, float]:
+    """Bytes per weight of each component vLLM's performance metrics cover."""
+    from vllm.v1.metrics.perf import ModelMetrics
+
+    return {
+        metric.component_type(): metric.weight_byte_size
+        for metric in ModelMetrics(vllm_config).metrics
+        if hasattr(metric, "weight_byte_size")
+    }
 
 
 def run_case(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Start the engine for one case, dump its int8 storage and generate."""
+    """Start the engine for one case, dump its workers' state and generate."""
     from safetensors.torch import save_file
 
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     llm = None
+    print(f"=== case {case['name']}", flush=True)
     try:
         llm = LLM(model=case["model"], **case["llm_kwargs"])
-        for rank, params in llm.collective_rpc(int8_parameters):
-            save_file(params, out_dir / f"{case['name']}-rank{rank}.safetensors")
+        ranks = []
+        for config, storage in llm.collective_rpc(worker_state):
+            rank_file = f"{case['name']}-rank{config['rank']}.safetensors"
+            save_file(storage, out_dir / rank_file)
+            ranks.append(config)
         sampling = SamplingParams(
             temperature=0.0, max_tokens=case["max_tokens"], ignore_eos=True
         )
@@ -51,6 +91,8 @@ def run_case(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         return {
             "status": "ok",
             "token_ids": [list(out.outputs[0].token_ids) for out in outputs],
+            "ranks": ranks,
+            "weight_byte_size": metrics_weight_byte_size(llm.llm_engine.vllm_config),
         }
     except Exception as exc:
         traceback.print_exc()

@@ -32,23 +32,39 @@ ranks together, and core's fused path cuts the shards out of it with the
 same indexer, called with all ranks' rows.
 
 The checkpoint carries no quantization config and the method reads no config
-file, so vLLM builds `ToyInt8Config()`, which quantizes while loading.
+file, so vLLM builds `ToyInt8Config()`, which quantizes while loading. Its one
+setting, `skip_modules`, comes from `--quantization-config`. Beyond the
+weight layout, the method needs what vllm-bnb-plugin patches `EngineArgs` for
+on pristine vLLM, and takes it from the config hooks: its own model loader
+(`get_required_load_format`, the loader registered by name in `register()`)
+and eager execution (`verify_model_config`).
 """
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn import Module, Parameter
 
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+)
 from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
 from vllm.model_executor.utils import set_weight_attrs
 
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig
+
+logger = init_logger(__name__)
+
+# The method's name and its load format (the loader `register()` names).
 NAME = "toy_int8"
 SCALE_BYTES = torch.finfo(torch.float32).bits // 8
 # Shard ids of a QKV layer, in the order of its `output_partition_sizes`.
@@ -243,7 +259,15 @@ class ToyInt8LinearMethod(LinearMethodBase):
 
 
 class ToyInt8Config(QuantizationConfig):
-    """Quantizes every linear layer of an unquantized checkpoint while loading."""
+    """Quantizes the linear layers of an unquantized checkpoint while loading.
+
+    Layers named in `skip_modules` (any dot-separated part of their prefix,
+    e.g. "o_proj") stay unquantized.
+    """
+
+    def __init__(self, skip_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.skip_modules = frozenset(skip_modules)
 
     def get_name(self) -> str:
         return NAME
@@ -263,7 +287,40 @@ class ToyInt8Config(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ToyInt8Config":
-        return cls()
+        """The settings given as `--quantization-config`."""
+        skip_modules = config.get("skip_modules", [])
+        if config.keys() - {"skip_modules"} or not (
+            isinstance(skip_modules, list)
+            and all(isinstance(name, str) for name in skip_modules)
+        ):
+            raise ValueError(
+                "toy_int8's --quantization-config takes only 'skip_modules', a "
+                f"list of layer names to leave unquantized, not {config}; fix "
+                "it or drop --quantization-config."
+            )
+        return cls(skip_modules)
+
+    @classmethod
+    def get_required_load_format(cls) -> str:
+        return NAME
+
+    @classmethod
+    def takes_quantization_config_arg(cls) -> bool:
+        return True
+
+    @classmethod
+    def verify_model_config(cls, model_config: "ModelConfig") -> None:
+        """Check the settings before any worker starts; always run eagerly.
+
+        `apply` rebuilds the weight from its int8 storage on every call: a
+        reference computation written for eager execution, never tested under
+        torch.compile or CUDA graphs.
+        """
+        if isinstance(model_config.quantization_config, dict):
+            cls.from_config(model_config.quantization_config)
+        if not model_config.enforce_eager:
+            logger.warning("toy_int8 runs only eagerly; setting enforce_eager.")
+            model_config.enforce_eager = True
 
     def get_weight_byte_size(self) -> float:
         return 1.0
@@ -272,6 +329,8 @@ class ToyInt8Config(QuantizationConfig):
         return True
 
     def get_quant_method(self, layer: Module, prefix: str) -> QuantizeMethodBase | None:
-        if isinstance(layer, LinearBase):
+        if not isinstance(layer, LinearBase):
+            return None
+        if self.skip_modules.isdisjoint(prefix.split(".")):
             return ToyInt8LinearMethod()
-        return None
+        return UnquantizedLinearMethod()
