@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Import contracts between core and the bitsandbytes plugin.
+"""Import contracts between core and the quantization plugins.
 
-Core must not know the plugin; the plugin may use only public core API and
-must never assign onto vLLM modules or classes (no monkeypatching).
+Core must not know the bitsandbytes plugin; every plugin (the in-tree
+bitsandbytes one and the out-of-tree toy of tests/plugins) may use only
+public core API and must never assign onto vLLM modules or classes (no
+monkeypatching).
 """
 
 import ast
@@ -10,30 +12,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "vllm" / "plugins" / "bitsandbytes"
 PLUGIN_PACKAGE = "vllm.plugins.bitsandbytes"
+# package -> source directory, for the checks every plugin must pass
+PLUGINS = {
+    PLUGIN_PACKAGE: PLUGIN,
+    "vllm_toy_int8": REPO
+    / "tests"
+    / "plugins"
+    / "vllm_toy_int8"
+    / "src"
+    / "vllm_toy_int8",
+}
 
 
-def plugin_modules() -> dict[str, ast.Module]:
-    return {path.name: ast.parse(path.read_text()) for path in PLUGIN.glob("*.py")}
+def plugin_modules(source: Path) -> dict[str, ast.Module]:
+    modules = {path.name: ast.parse(path.read_text()) for path in source.glob("*.py")}
+    assert modules, f"no plugin source in {source}"
+    return modules
 
 
-def core_imports(tree: ast.Module) -> list[tuple[str, str]]:
-    """(module, name) pairs the plugin imports from vLLM outside itself."""
+def core_imports(tree: ast.Module, package: str) -> list[tuple[str, str]]:
+    """(module, name) pairs a plugin imports from vLLM outside itself."""
     pairs = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith("vllm") and not node.module.startswith(
-                PLUGIN_PACKAGE
-            ):
+            if node.module.startswith("vllm") and not node.module.startswith(package):
                 pairs += [(node.module, alias.name) for alias in node.names]
         elif isinstance(node, ast.Import):
             pairs += [
                 (alias.name, "")
                 for alias in node.names
-                if alias.name.startswith("vllm")
-                and not alias.name.startswith(PLUGIN_PACKAGE)
+                if alias.name.startswith("vllm") and not alias.name.startswith(package)
             ]
     return pairs
 
@@ -53,21 +66,23 @@ def test_core_never_imports_the_plugin():
     assert "0 broken" in result.stdout
 
 
-def test_plugin_imports_only_public_core_api():
+@pytest.mark.parametrize("package", PLUGINS)
+def test_plugin_imports_only_public_core_api(package: str):
     private = [
         f"{file}: from {module} import {name}"
-        for file, tree in plugin_modules().items()
-        for module, name in core_imports(tree)
+        for file, tree in plugin_modules(PLUGINS[package]).items()
+        for module, name in core_imports(tree, package)
         if any(part.startswith("_") for part in module.split("."))
         or name.startswith("_")
     ]
     assert private == []
 
 
-def test_plugin_assigns_nothing_onto_vllm():
+@pytest.mark.parametrize("package", PLUGINS)
+def test_plugin_assigns_nothing_onto_vllm(package: str):
     """Every attribute assignment targets an object the plugin created."""
     violations = []
-    for file, tree in plugin_modules().items():
+    for file, tree in plugin_modules(PLUGINS[package]).items():
         imported = {
             alias.asname or alias.name.split(".")[0]
             for node in ast.walk(tree)

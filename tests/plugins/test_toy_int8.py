@@ -9,7 +9,8 @@ bitsandbytes' shape (see docs/quantization_hooks.md). It also needs what
 vllm-bnb-plugin monkeypatches `EngineArgs` for on pristine vLLM, its own model
 loader and eager mode, and reads its settings from `--quantization-config`;
 each comes from a config hook, and the plugin's source assigns nothing onto
-vLLM (the in-tree plugin's AST contracts, applied to it).
+vLLM (tests/test_import_contracts.py checks it as it checks the in-tree
+plugin).
 
 The indexer's placements are checked against the block layout built here.
 The real engine runs on CPU in subprocesses (toy_int8_engine.py): four
@@ -32,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from tests import test_import_contracts as import_contracts
 from tests.fixtures.checkpoints import get_checkpoint
 from tests.oracle.harness import ENGINE_ENV
 
@@ -50,7 +49,6 @@ pytestmark = pytest.mark.engine
 
 HERE = Path(__file__).resolve().parent
 PLUGIN_DIR = HERE / "vllm_toy_int8"
-PLUGIN_SOURCE = PLUGIN_DIR / "src" / "vllm_toy_int8"
 ENGINE_SCRIPT = HERE / "toy_int8_engine.py"
 
 PROMPTS = [[1, 12, 37, 99, 5], [1, 200, 3], [1, 7, 7, 7, 7, 7, 7], [1, 42, 64, 128]]
@@ -494,25 +492,3 @@ def test_loader_is_registered_by_name(toy_int8_plugin: None) -> None:
     imported_at_registration, loader_module = run.stdout.split()[-2:]
     assert imported_at_registration == "False"
     assert loader_module == "vllm_toy_int8.loader"
-
-
-@pytest.mark.parametrize(
-    "contract",
-    [
-        import_contracts.test_plugin_assigns_nothing_onto_vllm,
-        import_contracts.test_plugin_imports_only_public_core_api,
-    ],
-    ids=["assigns-nothing-onto-vllm", "public-core-api-only"],
-)
-def test_plugin_source_keeps_the_plugin_contracts(
-    contract: Callable[[], None], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The in-tree plugin's AST checks (no monkeypatching), on this plugin."""
-    monkeypatch.setattr(import_contracts, "PLUGIN", PLUGIN_SOURCE)
-    monkeypatch.setattr(import_contracts, "PLUGIN_PACKAGE", PLUGIN_SOURCE.name)
-    assert {path.name for path in PLUGIN_SOURCE.glob("*.py")} >= {
-        "__init__.py",
-        "loader.py",
-        "toy_int8.py",
-    }
-    contract()
