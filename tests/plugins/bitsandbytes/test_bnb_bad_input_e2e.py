@@ -60,7 +60,7 @@ def _checkpoint(mutation: Mutation, directory: Path) -> Path:
             NAN_ABSMAX,
             "model.layers.1.self_attn.q_proj.weight is corrupt: absmax holds NaN",
         ),
-        (TRUNCATED_FILE, "cannot be read"),
+        (TRUNCATED_FILE, "model.safetensors is truncated"),
     ],
     ids=["nan-absmax", "truncated-safetensors"],
 )

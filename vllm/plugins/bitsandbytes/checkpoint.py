@@ -246,7 +246,8 @@ def read_prequantized_4bit(
             raise BitsAndBytesCheckpointError(
                 f"The checkpoint stores {weight_name} without a bitsandbytes "
                 "quant_state although the model quantizes that layer; re-export "
-                "the checkpoint with that layer quantized."
+                "the checkpoint with that layer quantized.",
+                tensor=weight_name,
             )
     progress.done()
 
@@ -300,9 +301,11 @@ def read_prequantized_int8(
             waiting[weight_name] = (name, tensor)
 
     if waiting:
+        weight_name = next(iter(waiting))
         raise BitsAndBytesCheckpointError(
-            f"The checkpoint stores {next(iter(waiting))} without its int8 scales "
+            f"The checkpoint stores {weight_name} without its int8 scales "
             "(SCB) although the model quantizes that layer; re-export the "
-            "checkpoint with that layer quantized."
+            "checkpoint with that layer quantized.",
+            tensor=weight_name,
         )
     progress.done()

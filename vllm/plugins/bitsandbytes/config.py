@@ -33,8 +33,13 @@ class BitsAndBytesCheckpointError(ValueError):
 
     Raised before the model serves anything, with one sentence naming the
     file, tensor or field at fault, so a broken export fails the load instead
-    of yielding a model that computes garbage.
+    of yielding a model that computes garbage. `tensor` is the checkpoint
+    tensor at fault, if one is, so the loader can name the file holding it.
     """
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
 
 
 @cache

@@ -35,6 +35,7 @@ from vllm.plugins.bitsandbytes.checkpoint import (
     read_prequantized_4bit,
     read_prequantized_int8,
 )
+from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles
 from vllm.plugins.bitsandbytes.config import (
     BitsAndBytesCheckpointError,
     BitsAndBytesConfig,
@@ -75,10 +76,28 @@ class BitsAndBytesModelLoader(BaseModelLoader):
                     "load it without load_format='bitsandbytes'."
                 )
         layout = ModelLayout(model)
+        files = CheckpointFiles(model_config.model)
+        try:
+            self._load(model, model_config, checkpoint_config, layout, files)
+        except BitsAndBytesCheckpointError as err:
+            path = err.tensor and files.file_of(err.tensor)
+            if not path:
+                raise
+            # Which of dozens of shards to re-download or re-export.
+            raise BitsAndBytesCheckpointError(f"{path}: {err}", err.tensor) from err
+        torch.accelerator.empty_cache()
 
+    def _load(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        checkpoint_config: dict | None,
+        layout: ModelLayout,
+        files: CheckpointFiles,
+    ) -> None:
         states: dict[str, Any] = {}
         weights = self._weight_stream(
-            model, model_config, checkpoint_config, layout, states
+            model, model_config, checkpoint_config, layout, states, files
         )
         # MoE runners report expert weights under their own name, not the
         # parameter's; those are checked through their states instead.
@@ -95,7 +114,6 @@ class BitsAndBytesModelLoader(BaseModelLoader):
                 "check that it matches the model."
             )
         attach_quant_states(model, layout, states)
-        torch.accelerator.empty_cache()
 
     def _weight_stream(
         self,
@@ -104,9 +122,10 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         checkpoint_config: dict | None,
         layout: ModelLayout,
         states: dict[str, Any],
+        files: CheckpointFiles,
     ) -> CheckpointTensors:
         checkpoint = readable_checkpoint(
-            self._reader.get_all_weights(model_config, model), model_config.model
+            self._reader.get_all_weights(model_config, model), files
         )
         tp_rank = get_tensor_model_parallel_rank()
         tp_size = get_tensor_model_parallel_world_size()

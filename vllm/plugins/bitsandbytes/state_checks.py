@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vllm.platforms import current_platform
+from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles
 from vllm.plugins.bitsandbytes.config import (
     SUPPORTED_4BIT_QUANT_TYPES,
     BitsAndBytesCheckpointError,
@@ -34,10 +35,14 @@ CODE_SIZE_4BIT = 16
 CODE_SIZE_8BIT = 256
 
 
-def _corrupt(weight_name: str, problem: str) -> BitsAndBytesCheckpointError:
+def _corrupt(
+    weight_name: str, problem: str, component: str | None = None
+) -> BitsAndBytesCheckpointError:
+    """The error for a bad state; `component` is the stored tensor at fault."""
     return BitsAndBytesCheckpointError(
         f"The bitsandbytes quant_state of {weight_name} is corrupt: {problem}; "
-        "re-export the checkpoint with transformers and bitsandbytes."
+        "re-export the checkpoint with transformers and bitsandbytes.",
+        tensor=f"{weight_name}.{component}" if component else weight_name,
     )
 
 
@@ -47,13 +52,15 @@ def _packed_fields(weight_name: str, components: dict[str, torch.Tensor]) -> dic
         raise BitsAndBytesCheckpointError(
             f"The checkpoint has no single 'quant_state.bitsandbytes__*' entry "
             f"for {weight_name}; re-export the checkpoint with transformers and "
-            "bitsandbytes."
+            "bitsandbytes.",
+            tensor=weight_name,
         )
     quant_type = packed_keys[0].removeprefix(PACKED_STATE_PREFIX)
     if quant_type not in SUPPORTED_4BIT_QUANT_TYPES:
         raise BitsAndBytesCheckpointError(
             f"{weight_name} uses bitsandbytes quant type {quant_type!r}; only "
-            f"{' and '.join(SUPPORTED_4BIT_QUANT_TYPES)} checkpoints are supported."
+            f"{' and '.join(SUPPORTED_4BIT_QUANT_TYPES)} checkpoints are supported.",
+            tensor=weight_name,
         )
     blob = components[packed_keys[0]]
     if blob.dtype != torch.uint8 or blob.dim() != 1:
@@ -119,9 +126,12 @@ def _tensor(
             weight_name,
             f"{name} is {tensor.dtype} of shape {tuple(tensor.shape)}, expected "
             f"{dtype} of shape ({numel},)",
+            component=name,
         )
     if tensor.is_floating_point() and not _all_finite(tensor):
-        raise _corrupt(weight_name, f"{name} holds NaN or infinite values")
+        raise _corrupt(
+            weight_name, f"{name} holds NaN or infinite values", component=name
+        )
     return tensor.to(current_platform.device_type)
 
 
@@ -201,7 +211,8 @@ def check_4bit_weight(weight_name: str, weight: torch.Tensor, state: Any) -> Non
             f"The packed 4-bit weight {weight_name} is {weight.dtype} of shape "
             f"{tuple(weight.shape)} but its quant_state describes "
             f"{values} 4-bit values, ({values // 2}, 1) uint8 bytes; re-export the "
-            "checkpoint with transformers and bitsandbytes."
+            "checkpoint with transformers and bitsandbytes.",
+            tensor=weight_name,
         )
 
 
@@ -213,7 +224,8 @@ def check_int8_weight(
         raise BitsAndBytesCheckpointError(
             f"The 8-bit weight {weight_name} is {weight.dtype} of shape "
             f"{tuple(weight.shape)}, not a 2-D int8 matrix; re-export the "
-            "checkpoint with transformers and bitsandbytes."
+            "checkpoint with transformers and bitsandbytes.",
+            tensor=weight_name,
         )
     if (
         scales.dtype != torch.float32
@@ -225,26 +237,35 @@ def check_int8_weight(
             f"The int8 scales (SCB) of {weight_name} are {scales.dtype} of shape "
             f"{tuple(scales.shape)}; expected {weight.shape[0]} finite non-negative "
             "float32 values, one per row; re-export the checkpoint with "
-            "transformers and bitsandbytes."
+            "transformers and bitsandbytes.",
+            # transformers saves the scales of `<module>.weight` as `<module>.SCB`.
+            tensor=weight_name.removesuffix(".weight") + ".SCB",
         )
 
 
 def readable_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor]], location: str
+    tensors: Iterator[tuple[str, torch.Tensor]], files: CheckpointFiles
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass `tensors` through, turning a file that cannot be read into one error.
 
     Truncated or malformed safetensors files, and `.bin` files that need more
     than plain tensors to unpickle (`torch.load(weights_only=True)` refuses
-    them), otherwise surface as the reading library's own exception.
+    them), otherwise surface as the reading library's own exception, which
+    does not say which of the checkpoint's files is damaged.
     """
     from safetensors import SafetensorError
 
     try:
         yield from tensors
     except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:
+        if damaged := files.damaged_file():
+            path, problem = damaged
+            raise BitsAndBytesCheckpointError(
+                f"The weights file {path} {problem}; re-download or re-export "
+                "that file."
+            ) from err
         reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise BitsAndBytesCheckpointError(
-            f"A weights file of the checkpoint {location} cannot be read "
+            f"A weights file of the checkpoint {files.location} cannot be read "
             f"({reason}); re-download or re-export the checkpoint."
         ) from err

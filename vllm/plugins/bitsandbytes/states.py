@@ -128,7 +128,8 @@ def _fuse_expert_states(group: ExpertGroup, states: dict[str, Any]) -> dict[str,
             raise BitsAndBytesCheckpointError(
                 f"No bitsandbytes quantization state was loaded for the expert "
                 f"weight {shard.weight_name}; the checkpoint stores it "
-                "unquantized or not at all."
+                "unquantized or not at all.",
+                tensor=shard.weight_name,
             )
         by_shard[shard.shard_id][shard.expert_id] = flatten_double_quant(state)
     experts = sorted(by_shard["w1"])
