@@ -22,6 +22,9 @@ logger = init_logger(__name__)
 # The load format of the plugin's model loader, named as in vLLM before.
 LOAD_FORMAT = "bitsandbytes"
 SUPPORTED_4BIT_QUANT_TYPES = ("nf4", "fp4")
+# Block sizes bitsandbytes quantizes with (4-bit values and the 8-bit
+# double-quantized absmax alike).
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Element types the packed 4-bit bytes may be stored as. FSDP-QLoRA stores
 # them typed like the model's other parameters so that FSDP can shard them;
 # the bytes are the same, the loader reads them as bytes.

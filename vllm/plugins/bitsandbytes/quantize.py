@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm.plugins.bitsandbytes.config import BLOCK_SIZES, SUPPORTED_4BIT_QUANT_TYPES
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 # The bitsandbytes releases whose CPU `quantize_4bit` kernel this module
@@ -225,8 +226,8 @@ def quantize_4bit(
         values.device.type == "cpu"
         and values.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and values.numel() > 0
-        and quant_type in ("nf4", "fp4")
-        and blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+        and quant_type in SUPPORTED_4BIT_QUANT_TYPES
+        and blocksize in BLOCK_SIZES
         and _reproduces_bitsandbytes()
     ):
         result = _quantize_4bit_cpu(values, blocksize, quant_type)

@@ -25,10 +25,7 @@ from typing import Any
 import torch
 
 from vllm.plugins.bitsandbytes.layout import RankSplit
-
-# Two 4-bit values share each byte (as in linear.VALUES_PER_PACKED_BYTE, not
-# imported to keep this module free of the layer code).
-VALUES_PER_BYTE = 2
+from vllm.plugins.bitsandbytes.linear import VALUES_PER_PACKED_BYTE
 
 
 def _kept_runs(
@@ -90,19 +87,21 @@ def reshard_4bit(
                 raise _misaligned(
                     weight_name, (rows, cols), blocksize, world_size, "by rows"
                 )
-            byte_parts.append(flat[first // VALUES_PER_BYTE : end // VALUES_PER_BYTE])
+            byte_parts.append(
+                flat[first // VALUES_PER_PACKED_BYTE : end // VALUES_PER_PACKED_BYTE]
+            )
             absmax_parts.append(state.absmax[first // blocksize : -(-end // blocksize)])
         part_bytes = torch.cat(byte_parts)
         absmax = torch.cat(absmax_parts)
-        part_shape = (part_bytes.numel() * VALUES_PER_BYTE // cols, cols)
+        part_shape = (part_bytes.numel() * VALUES_PER_PACKED_BYTE // cols, cols)
     else:
         (run,) = _kept_runs(split, cols, rank, world_size)
         if cols % blocksize or run.start % blocksize or run.stop % blocksize:
             raise _misaligned(
                 weight_name, (rows, cols), blocksize, world_size, "by columns"
             )
-        part_bytes = flat.view(rows, cols // VALUES_PER_BYTE)[
-            :, run.start // VALUES_PER_BYTE : run.stop // VALUES_PER_BYTE
+        part_bytes = flat.view(rows, cols // VALUES_PER_PACKED_BYTE)[
+            :, run.start // VALUES_PER_PACKED_BYTE : run.stop // VALUES_PER_PACKED_BYTE
         ]
         absmax = state.absmax.view(rows, cols // blocksize)[
             :, run.start // blocksize : run.stop // blocksize

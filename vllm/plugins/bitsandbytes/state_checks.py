@@ -20,15 +20,13 @@ import torch
 from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles
 from vllm.plugins.bitsandbytes.config import (
+    BLOCK_SIZES,
     SUPPORTED_4BIT_QUANT_TYPES,
     BitsAndBytesCheckpointError,
 )
 
 # The tensor transformers packs a 4-bit state's non-tensor fields into, as JSON.
 PACKED_STATE_PREFIX = "quant_state.bitsandbytes__"
-# Block sizes bitsandbytes quantizes with (4-bit values and the 8-bit
-# double-quantized absmax alike).
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
 # Entries of the 4-bit code book and of the 8-bit one of double quantization.
 CODE_SIZE_4BIT = 16
