@@ -159,12 +159,12 @@ def _quantize_tail(
 @cache
 def _reproduces_bitsandbytes() -> bool:
     """Whether the installed bitsandbytes runs the CPU kernel reproduced here."""
+    from importlib.metadata import version as installed_version
+
     from packaging import version
 
-    import bitsandbytes
-
     first, after_last = map(version.parse, REPRODUCED_BITSANDBYTES)
-    return first <= version.parse(bitsandbytes.__version__) < after_last
+    return first <= version.parse(installed_version("bitsandbytes")) < after_last
 
 
 def _quantize_4bit_cpu(
