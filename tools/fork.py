@@ -14,15 +14,20 @@ the released base wheel pinned (name and sha256) in `tools/fork.toml`:
                  with `git am`, and the fork's own files from `vllm/` linked in
     export       write the commits `base..HEAD` of the tree back to `patches/`
     check        apply the series to a fresh pristine tree and verify that
-                 exporting it again reproduces `patches/` byte for byte
+                 exporting it again reproduces `patches/` byte for byte, then
+                 lint that tree
+    lint         ruff with vLLM's settings (tools/ruff-vllm.toml) on the files
+                 the series and the fork's own files touch in the tree (only
+                 violations that pristine sources lack count in patched files)
     build        pack the tree into an installable `vllm` wheel in dist/
     check-wheel  verify a built wheel's files and metadata against its base
                  and the other flavor's fork wheel, and that pip installs it
     install      install the CPU wheel into a virtual environment
-    export-upstream  the whole fork (patches, then our files) as one
-                 `git format-patch` series against upstream, for a pull request
-    check-upstream   apply that series to pristine sources patch by patch,
-                 importing and testing after each one
+    export-upstream  the fork as PR-sized `git format-patch` series against
+                 upstream (`[[upstream.pr]]`), one directory with a PR.md each
+    check-upstream   apply those series to pristine sources commit by commit,
+                 importing after each commit and testing and linting after each
+                 series; writes them with the measured results
     rebase       pin a new upstream release (--to-version) in tools/fork.toml
                  and replay the series onto it in the tree
 
@@ -36,7 +41,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from forklib import rebase, series, upstream, wheel
+from forklib import lint, rebase, series, upstream, wheel
 from forklib.base import (
     BUILD,
     CONFIG,
@@ -49,7 +54,7 @@ from forklib.base import (
 )
 
 COMMANDS = [
-    "fetch", "pristine", "oracles", "materialize", "export", "check", "build",
+    "fetch", "pristine", "oracles", "materialize", "export", "check", "lint", "build",
     "check-wheel", "install", "export-upstream", "check-upstream", "rebase",
 ]  # fmt: skip
 
@@ -88,7 +93,9 @@ def main() -> None:
         names = series.export(tree, series.PATCHES)
         log(f"exported {len(names)} patches to patches/")
     elif args.command == "check":
-        series.check(base)
+        series.check(base, then=lambda fresh: lint.lint_tree(base, fresh))
+    elif args.command == "lint":
+        lint.lint_tree(base, tree)
     elif args.command == "build":
         print(wheel.build(base, tree))
     elif args.command == "check-wheel":
@@ -97,10 +104,11 @@ def main() -> None:
     elif args.command == "install":
         wheel.install(base, args.venv)
     elif args.command == "export-upstream":
-        for patch in upstream.export_upstream(base, args.out):
-            print(patch)
+        exported = upstream.export_upstream(base, args.out)
+        print(upstream.summary(exported), end="")
     elif args.command == "check-upstream":
-        upstream.check_upstream(base)
+        exported = upstream.check_upstream(base, args.out)
+        print(upstream.summary(exported), end="")
     elif args.command == "rebase":
         if not args.to_version:
             parser.error("rebase needs --to-version")

@@ -7,6 +7,8 @@ series    patches/ and the git trees materialized from it
 wheel     packing a tree as the `vllm` wheel (or an editable one), and checking
           a built wheel
 pep517    the PEP 517 build backend behind `pip install .` and `pip install -e .`
-upstream  the fork as one upstream series, and checking it patch by patch
+lint      upstream's ruff settings on what the fork changes
+upstream  the fork as PR-sized upstream series, and checking them commit by
+          commit
 rebase    moving the series onto a new upstream release
 """

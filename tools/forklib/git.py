@@ -108,3 +108,25 @@ def status(repo: Repo) -> str:
 def has_ref(repo: Repo, ref: str) -> bool:
     verify = ("rev-parse", "-q", "--verify", f"{ref}^{{commit}}")
     return repo.run(*verify, capture=True, check=False).returncode == 0
+
+
+def changes(repo: Repo, revisions: str) -> dict[str, str]:
+    """What `revisions` does to each path: "A", "M" or "D" (renames split)."""
+    listing = repo.output("diff", "--name-status", "--no-renames", revisions)
+    return {
+        path: kind for kind, path in (line.split("\t") for line in listing.splitlines())
+    }
+
+
+def numstat(repo: Repo, revisions: str) -> list[tuple[int, int, str]]:
+    """(lines added, lines removed, path) of each file `revisions` changes."""
+    rows = []
+    for line in repo.output(
+        "diff", "--numstat", "--no-renames", revisions
+    ).splitlines():
+        added, removed, path = line.split("\t")
+        # Binary files count no lines.
+        rows.append(
+            (int(added.replace("-", "0")), int(removed.replace("-", "0")), path)
+        )
+    return rows

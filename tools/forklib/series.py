@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import git
@@ -233,8 +234,11 @@ def export(
     return names
 
 
-def check(base: Base) -> None:
-    """The series applies to pristine sources and re-exports unchanged."""
+def check(base: Base, then: Callable[[Path], None] | None = None) -> None:
+    """The series applies to pristine sources and re-exports unchanged.
+
+    `then` runs on the fresh tree afterwards (e.g. a lint of it).
+    """
     with tempfile.TemporaryDirectory(prefix="fork-check-") as scratch:
         tree = materialize(base, Path(scratch) / "tree")
         exported = Path(scratch) / "patches"
@@ -250,4 +254,6 @@ def check(base: Base) -> None:
                 f"differing {mismatch + errors}, unexpected {sorted(extra)}. "
                 "Run `tools/fork.py materialize` and `tools/fork.py export`."
             )
+        if then is not None:
+            then(tree)
     log(f"series OK: {len(series())} patches apply cleanly and re-export identically")

@@ -1,85 +1,310 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The whole fork as one `git am`-able series against pristine sources, for
-the upstream pull request, and the check that it is bisectable."""
+"""The fork as PR-sized `git am`-able series against pristine sources, and
+the check that each applies after the ones before it, imports at every
+commit and passes its tests.
+
+The cut lives in tools/fork.toml (`[[upstream.pr]]`): each PR takes patches
+of patches/ and commits adding files of this repository, `vllm/...` at the
+same path and `upstream/<path>` (tests and docs written for vLLM's tree) at
+`<path>`.
+"""
 
 from __future__ import annotations
 
+import filecmp
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
+from email.utils import parseaddr
 from pathlib import Path
+from typing import Any
 
-from . import git
+from . import git, lint
 from .base import CONFIG, REPO, Base, log
 from .series import (
-    BASE_TAG,
     BINARY_SUFFIXES,
-    IDENTITY,
+    OVERLAY,
+    PATCH_CONTEXT_LINES,
+    PATCHES,
     materialize,
-    overlay_roots,
+    parse_series,
     pristine_repository,
+    series_changes,
     touched_paths,
 )
+from .series import series as fork_series
 
 IMPORT_ALL = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
+# Files of this repository kept at vLLM's paths below this directory.
+UPSTREAM_ROOT = "upstream"
+PR_DESCRIPTION = "PR.md"
+SUMMARY = "SUMMARY.md"
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
-def export_upstream(base: Base, destination: Path) -> list[Path]:
-    """The whole fork as one `git am`-able series against pristine sources.
+@dataclass(frozen=True)
+class Commit:
+    """A commit adding files of this repository to the series."""
 
-    The patch series comes first, then one commit per entry of
-    `[[upstream.commit]]` in tools/fork.toml adding the fork's own files.
-    """
-    with tempfile.TemporaryDirectory(prefix="fork-upstream-") as scratch:
-        return _export(base, Path(scratch) / "tree", destination)
+    subject: str
+    body: str
+    paths: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        return f"{self.subject}\n\n{self.body.strip()}\n"
 
 
-def _export(base: Base, tree: Path, destination: Path) -> list[Path]:
-    """`export_upstream` from `tree`, which is left holding the whole fork
-    with its own files copied in: the snapshot the series was made from."""
-    materialize(base, tree)
-    repo = git.Repo(tree, IDENTITY)
-    # The fork's own files are committed from here on: unignore them.
-    (tree / ".git" / "info" / "exclude").write_text("")
-    git.exclude(repo, [f"*{suffix}" for suffix in BINARY_SUFFIXES])
-    assigned: set[Path] = set()
-    for commit in CONFIG["upstream"]["commit"]:
-        for relative in map(Path, commit["paths"]):
-            (tree / relative).unlink()
-            source = REPO / relative
-            if source.is_dir():
-                shutil.copytree(
-                    source,
-                    tree / relative,
-                    ignore=shutil.ignore_patterns("__pycache__"),
-                )
-            else:
-                shutil.copy2(source, tree / relative)
-            repo.run("add", str(relative))
-            assigned.add(relative)
-        message = f"{commit['subject']}\n\n{commit['body'].strip()}\n"
-        repo.run("commit", "-q", "-m", message)
-    unassigned = set(overlay_roots(base.pristine)) - assigned
-    if unassigned:
-        raise SystemExit(
-            f"{sorted(map(str, unassigned))} belong to no [[upstream.commit]] "
-            "in tools/fork.toml; add them to one."
+@dataclass(frozen=True)
+class PullRequest:
+    """One `[[upstream.pr]]` of tools/fork.toml."""
+
+    name: str
+    title: str
+    patches: tuple[str, ...]
+    commits: tuple[Commit, ...]
+    purpose: str
+    test_plan: str
+    fork_tests: tuple[str, ...] = ()
+
+    @property
+    def tests(self) -> list[str]:
+        """The test files the PR adds, at their path in vLLM's tree."""
+        return [
+            target
+            for commit in self.commits
+            for path in commit.paths
+            for target in [tree_path(path)]
+            if target.startswith("tests/") and Path(target).name.startswith("test_")
+        ]
+
+
+@dataclass
+class Size:
+    commits: int = 0
+    files: int = 0
+    added: int = 0
+    removed: int = 0
+
+
+@dataclass
+class Series:
+    """A PR's exported series and what the export measured of it."""
+
+    pr: PullRequest
+    directory: Path
+    patches: list[Path]
+    size: Size
+    # What check-upstream measured, one line each, for the Test Result section.
+    results: list[str] = field(default_factory=list)
+
+
+def pull_requests(config: dict[str, Any] = CONFIG) -> list[PullRequest]:
+    return [
+        PullRequest(
+            name=pr["name"],
+            title=pr["title"],
+            patches=tuple(pr.get("patches", [])),
+            commits=tuple(
+                Commit(c["subject"], c["body"], tuple(c["paths"]))
+                for c in pr.get("commit", [])
+            ),
+            purpose=pr["purpose"].strip(),
+            test_plan=pr["test_plan"].strip(),
+            fork_tests=tuple(pr.get("fork_tests", [])),
         )
+        for pr in config["upstream"]["pr"]
+    ]
+
+
+def fork_only(config: dict[str, Any] = CONFIG) -> list[str]:
+    """Patches of patches/series that stay out of the upstream series."""
+    return list(config["upstream"].get("fork_only", []))
+
+
+def signer(config: dict[str, Any] = CONFIG) -> tuple[str, ...]:
+    """git settings committing and signing off as `[upstream] sign_off`."""
+    name, email = parseaddr(config["upstream"]["sign_off"])
+    if not name or "@" not in email:
+        raise SystemExit("[upstream] sign_off must read 'Name <email>'")
+    return (f"user.name={name}", f"user.email={email}", "commit.gpgsign=false")
+
+
+def tree_path(path: str) -> str:
+    """Where a file of this repository goes in vLLM's tree."""
+    prefix = f"{UPSTREAM_ROOT}/"
+    return path.removeprefix(prefix) if path.startswith(prefix) else path
+
+
+def repository_files(path: str, root: Path = REPO) -> list[str]:
+    """The files a `paths` entry names: the file, or all under the directory."""
+    location = root / path
+    if not location.is_dir():
+        return [path] if location.exists() else []
+    return sorted(
+        str(found.relative_to(root))
+        for found in location.rglob("*")
+        if found.is_file()
+        and "__pycache__" not in found.parts
+        and not found.name.endswith(BINARY_SUFFIXES)
+    )
+
+
+def own_files(root: Path = REPO) -> set[str]:
+    """Every file the cut must place: under vllm/ and under upstream/."""
+    return {
+        found
+        for directory in (OVERLAY.name, UPSTREAM_ROOT)
+        for found in repository_files(directory, root)
+    }
+
+
+def cut_problems(
+    prs: list[PullRequest],
+    patches: list[str],
+    kept_out: list[str],
+    files: set[str],
+    root: Path = REPO,
+) -> list[str]:
+    """Why the cut does not place every patch and every file exactly once."""
+    problems = []
+    placed = [name for pr in prs for name in pr.patches] + kept_out
+    for name in sorted(set(placed) | set(patches)):
+        count = placed.count(name)
+        if name not in patches:
+            problems.append(f"{name} is not in patches/series")
+        elif count != 1:
+            problems.append(f"{name} is placed {count} times (PRs and fork_only)")
+    in_prs = [name for name in placed if name in patches and name not in kept_out]
+    if in_prs != [name for name in patches if name in in_prs]:
+        problems.append("the PRs take the patches out of patches/series order")
+    assigned: list[str] = []
+    for pr in prs:
+        for commit in pr.commits:
+            for path in commit.paths:
+                found = repository_files(path, root)
+                if not found:
+                    problems.append(f"{pr.name}: {path} does not exist")
+                assigned += found
+    for path in sorted(files | set(assigned)):
+        count = assigned.count(path)
+        if count != 1:
+            problems.append(f"{path} is added by {count} commits of [[upstream.pr]]")
+    return problems
+
+
+def export_upstream(base: Base, destination: Path) -> list[Series]:
+    """Write every PR's series into `destination`/NN-name/, with PR.md."""
+    with tempfile.TemporaryDirectory(prefix="fork-upstream-") as scratch:
+        exported = _export(base, Path(scratch) / "tree", destination)
+    write_descriptions(exported, destination)
+    return exported
+
+
+def _export(base: Base, tree: Path, destination: Path) -> list[Series]:
+    """`export_upstream` built in `tree`, which is left holding the result of
+    all series: the snapshot the patches were made from (the fork's own files
+    may be edited while a check runs)."""
+    prs = pull_requests()
+    names = parse_series((PATCHES / "series").read_text())
+    problems = cut_problems(prs, names, fork_only(), own_files())
+    if problems:
+        raise SystemExit(
+            "[[upstream.pr]] in tools/fork.toml does not cut the fork cleanly:\n"
+            + "\n".join(problems)
+        )
+    pristine_repository(base, tree)
+    repo = git.Repo(tree, signer())
     shutil.rmtree(destination, ignore_errors=True)
-    return git.format_patch(
-        repo, f"{BASE_TAG}..HEAD", destination,
-        "--zero-commit", "--no-signature", "--abbrev=12",
-    )  # fmt: skip
+    exported = []
+    for index, pr in enumerate(prs, start=1):
+        start = repo.output("rev-parse", "HEAD").strip()
+        if pr.patches and not git.am(repo, [PATCHES / name for name in pr.patches]):
+            raise SystemExit(f"{pr.name}: its patches do not apply (see above)")
+        for commit in pr.commits:
+            for path in commit.paths:
+                for found in repository_files(path):
+                    target = tree / tree_path(found)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(REPO / found, target)
+                repo.run("add", tree_path(path))
+            repo.run("commit", "-q", "-m", commit.message)
+        revisions = f"{start}..HEAD"
+        numstat = git.numstat(repo, revisions)
+        patches = git.format_patch(
+            repo, revisions, destination / f"{index:02d}-{pr.name}",
+            "--zero-commit", "--no-signature", "--abbrev=12", "--signoff",
+            f"--unified={PATCH_CONTEXT_LINES}",
+        )  # fmt: skip
+        size = Size(
+            commits=len(patches),
+            files=len(numstat),
+            added=sum(added for added, _, _ in numstat),
+            removed=sum(removed for _, removed, _ in numstat),
+        )
+        exported.append(Series(pr, patches[0].parent, patches, size))
+    return exported
+
+
+def describe(series: Series, before: list[Series]) -> str:
+    """PR.md: the title and vLLM's PR template sections."""
+    applies = (
+        f"after {', '.join(s.directory.name for s in before)}" if before else "alone"
+    )
+    size = series.size
+    if series.results:
+        result = "\n".join(f"- {line}" for line in series.results)
+    else:
+        result = (
+            "Not measured by `tools/fork.py export-upstream`; "
+            "`tools/fork.py check-upstream` writes this series again with the "
+            "results of its run."
+        )
+    return (
+        f"# {series.pr.title}\n\n"
+        f"Series `{series.directory.name}`: {size.commits} commits, {size.files} "
+        f"files, +{size.added}/-{size.removed} lines; applies with `git am` to "
+        f"vLLM {CONFIG['fork']['base_version']} {applies}.\n\n"
+        f"## Purpose\n\n{series.pr.purpose}\n\n"
+        f"## Test Plan\n\n{series.pr.test_plan}\n\n"
+        f"## Test Result\n\n{result}\n"
+    )
+
+
+def summary(exported: list[Series]) -> str:
+    """A table of the series' sizes (from `git diff --numstat`)."""
+    rows = [
+        f"| {s.directory.name} | {s.pr.title} | {s.size.commits} | {s.size.files} "
+        f"| +{s.size.added} | -{s.size.removed} |"
+        for s in exported
+    ]
+    kept_out = ", ".join(f"`{name}`" for name in fork_only()) or "none"
+    return (
+        "| series | title | commits | files | added | removed |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(f"{row}\n" for row in rows)
+        + f"\nFork-only patches, not exported: {kept_out}.\n"
+    )
+
+
+def write_descriptions(exported: list[Series], destination: Path) -> None:
+    for index, series in enumerate(exported):
+        text = describe(series, exported[:index])
+        (series.directory / PR_DESCRIPTION).write_text(text)
+    (destination / SUMMARY).write_text(summary(exported))
 
 
 def module_names(paths: list[str]) -> list[str]:
-    """Importable module names of the Python files among `paths`."""
+    """Importable module names of the Python files of vllm/ among `paths`."""
     names = []
     for path in paths:
-        if path.endswith(".py"):
+        if path.startswith("vllm/") and path.endswith(".py"):
             name = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
             names.append(name)
     return names
@@ -109,74 +334,166 @@ def importable(modules: list[str], env: dict[str, str]) -> set[str]:
     return found
 
 
-def check_upstream(base: Base) -> None:
-    """Apply the upstream series patch by patch; every step must import.
+def run_pytest(tests: list[str], env: dict[str, str], cwd: Path, *options: str) -> str:
+    """Run pytest; its summary line and wall time, e.g. "12 passed in 3.1 s"."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [*PYTEST, *options, *tests],
+        env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"pytest {' '.join(tests)} failed:\n{result.stdout[-6000:]}")
+    lines = result.stdout.strip().splitlines()
+    outcome = lines[-1].strip("= ") if lines else "no output"
+    return f"{outcome} ({time.perf_counter() - started:.0f} s wall)"
 
-    After each patch, `import vllm` and every module the patch touched must
-    import, and the fork's unit tests that exist from that patch on must pass.
-    The final tree must equal the fork the series was exported from (a
-    snapshot: the fork's own files may be edited while this runs).
+
+def check_upstream(base: Base, destination: Path) -> list[Series]:
+    """Apply every series to pristine sources commit by commit, and test it.
+
+    After each commit, `import vllm` and every module of vllm/ it touched must
+    import. After each series, its exported tests (PYTHONPATH: the tree) and
+    its `fork_tests` must pass and the files it touches must pass upstream's
+    lint. The final tree must equal the export's snapshot, and with the
+    fork-only patches applied on top, the fork. The series are written to
+    `destination` with the measured results in their PR.md.
     """
     with tempfile.TemporaryDirectory(prefix="fork-bisect-") as scratch:
-        fork_tree = Path(scratch) / "fork"
-        patches = _export(base, fork_tree, Path(scratch) / "series")
-        repo = pristine_repository(base, Path(scratch) / "upstream")
+        snapshot = Path(scratch) / "export"
+        exported = _export(base, snapshot, destination)
+        pristine_repository(base, Path(scratch) / "upstream")
+        repo = git.Repo(Path(scratch) / "upstream", signer())
         tree = repo.path
-        env = {**os.environ, "PYTHONPATH": str(tree), "VLLM_PLUGINS": ""}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(tree),
+            "VLLM_PLUGINS": "",
+            "HF_HUB_OFFLINE": "1",
+        }
         # Modules that already fail to import on pristine sources here (e.g.
         # ROCm-only ones on a CPU machine) cannot be held to importing.
         touched_anywhere = sorted(
             {
                 name
-                for patch in patches
+                for series in exported
+                for patch in series.patches
                 for name in module_names(list(touched_paths(patch)))
                 if upstream_has(base, name)
             }
         )
         log(f"probing {len(touched_anywhere)} modules on pristine sources")
         importable_upstream = importable(touched_anywhere, env)
-        tests: list[str] = []
-        subjects = {
-            c["subject"]: c.get("tests", []) for c in CONFIG["upstream"]["commit"]
-        }
-        for patch in patches:
-            if not git.am(repo, [patch]):
-                raise SystemExit(f"{patch.name} does not apply (see above)")
-            subject = repo.output("log", "-1", "--format=%s").strip()
-            tests += subjects.get(subject, [])
-            touched = repo.output("diff", "--name-only", "--diff-filter=AM", "HEAD~1")
-            modules = ["vllm"] + [
-                name
-                for name in module_names(touched.split())
-                if name in importable_upstream or not upstream_has(base, name)
-            ]
-            log(f"{patch.name}: importing {len(modules)} modules, tests: {tests}")
-            subprocess.run(
-                [sys.executable, "-c", IMPORT_ALL, *modules], check=True, env=env
-            )
-            if tests:
-                pytest = [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-m",
-                    "not engine",  # engine runs are the oracle's job
+        environment = (
+            f"Python {platform.python_version()}, {platform.machine()} CPU "
+            f"({os.cpu_count()} cores), {base.filename}"
+        )
+        for series in exported:
+            start = repo.output("rev-parse", "HEAD").strip()
+            imported = 0
+            for patch in series.patches:
+                if not git.am(repo, [patch]):
+                    raise SystemExit(f"{patch} does not apply (see above)")
+                touched = repo.output(
+                    "diff", "--name-only", "--diff-filter=AM", "HEAD~1"
+                )
+                modules = ["vllm"] + [
+                    name
+                    for name in module_names(touched.split())
+                    if name in importable_upstream or not upstream_has(base, name)
                 ]
-                subprocess.run([*pytest, *tests], check=True, env=env, cwd=REPO)
-        ignored = ["-x", ".*", "-x", "__pycache__"]  # git, tool caches
-        differences = subprocess.run(
-            ["diff", "-r", "-q", *ignored, str(tree), str(fork_tree)],
-            text=True,
-            stdout=subprocess.PIPE,
-        ).stdout
-        if differences:
-            raise SystemExit(
-                f"the upstream series does not reproduce the fork:\n{differences}"
-            )
-    log(f"upstream series OK: {len(patches)} patches, each imports and passes tests")
+                log(f"{series.directory.name}/{patch.name}: {len(modules)} modules")
+                subprocess.run(
+                    [sys.executable, "-c", IMPORT_ALL, *modules], check=True, env=env
+                )
+                imported += len(modules)
+            series.results += [
+                f"Environment: {environment}; measured by `tools/fork.py "
+                f"check-upstream` on {time.strftime('%Y-%m-%d')}.",
+                f"`git am` onto vLLM 0.32.0 after the previous series: "
+                f"{len(series.patches)} of {len(series.patches)} commits apply; "
+                f"after each, `import vllm` and the modules it touches import "
+                f"({imported} imports in all).",
+            ]
+            if series.pr.tests:
+                outcome = run_pytest(series.pr.tests, env, tree)
+                log(f"{series.directory.name}: {outcome}")
+                series.results.append(
+                    f"`pytest {' '.join(series.pr.tests)}` on the tree after this "
+                    f"series: {outcome}."
+                )
+            if series.pr.fork_tests:
+                # Engine runs are the oracle's job, not a per-series check's.
+                # The series added the plugin, so its entry point may load.
+                outcome = run_pytest(
+                    list(series.pr.fork_tests),
+                    {**env, "VLLM_PLUGINS": "bitsandbytes"},
+                    REPO,
+                    "-m",
+                    "not engine",
+                )
+                log(f"{series.directory.name}: fork tests {outcome}")
+                series.results.append(
+                    f"This repository's `pytest -m 'not engine' "
+                    f"{' '.join(series.pr.fork_tests)}` on that tree: {outcome}."
+                )
+            series.results.append(_lint_series(base, repo, f"{start}..HEAD"))
+        _compare(tree, snapshot, "the upstream series do not reproduce their export")
+        if fork_only():
+            if not git.am(repo, [PATCHES / name for name in fork_only()]):
+                raise SystemExit("the fork-only patches do not apply after the series")
+            _same_as_fork(base, tree, Path(scratch) / "fork")
+    write_descriptions(exported, destination)
+    log(
+        f"upstream series OK: {len(exported)} series, "
+        f"{sum(len(s.patches) for s in exported)} commits, each imports and the "
+        f"series pass their tests; written to {destination}"
+    )
+    return exported
+
+
+def _lint_series(base: Base, repo: git.Repo, revisions: str) -> str:
+    """Upstream's lint on the Python files a series touches, as a result line."""
+    changes = git.changes(repo, revisions)
+    patched = lint.python_files([p for p, kind in changes.items() if kind == "M"])
+    added = lint.python_files([p for p, kind in changes.items() if kind == "A"])
+    problems = lint.new_violations(repo.path, base.pristine, patched, added)
+    if problems:
+        raise SystemExit("ruff with vLLM's settings rejects:\n" + "\n".join(problems))
+    return (
+        f"`ruff check` and `ruff format --check` with vLLM's settings "
+        f"(tools/ruff-vllm.toml): the {len(added)} added Python files are clean, "
+        f"the {len(patched)} patched ones have no new violations."
+    )
+
+
+def _same_as_fork(base: Base, tree: Path, scratch: Path) -> None:
+    """Every file patches/ changes is in `tree` as in the materialized fork.
+
+    The fork's own files are compared with the export's snapshot instead:
+    they may be edited while the check runs.
+    """
+    fork = materialize(base, scratch)
+    differing = [
+        path
+        for path, change in series_changes(fork_series()).items()
+        if (tree / path).exists() != (change != "D")
+        or (change != "D" and not filecmp.cmp(tree / path, fork / path, shallow=False))
+    ]
+    if differing:
+        raise SystemExit(
+            f"the series and the fork-only patches differ from the fork: {differing}"
+        )
+
+
+def _compare(tree: Path, expected: Path, failure: str) -> None:
+    ignored = ["-x", ".*", "-x", "__pycache__"]  # git, tool caches
+    differences = subprocess.run(
+        ["diff", "-r", "-q", *ignored, str(tree), str(expected)],
+        text=True,
+        stdout=subprocess.PIPE,
+    ).stdout
+    if differences:
+        raise SystemExit(f"{failure}:\n{differences}")
 
 
 def upstream_has(base: Base, module: str) -> bool:
