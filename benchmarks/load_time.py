@@ -324,7 +324,7 @@ def _median(samples: list[dict[str, Any]], field: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _ratio(ours: float | None, theirs: float | None) -> float | None:
+def ratio_of(ours: float | None, theirs: float | None) -> float | None:
     return ours / theirs if ours is not None and theirs else None
 
 
@@ -392,7 +392,9 @@ def summarize(
         row["vs"] = {
             reference: {
                 **{
-                    f"ratio_{field}": _ratio(row["fork"][field], row[reference][field])
+                    f"ratio_{field}": ratio_of(
+                        row["fork"][field], row[reference][field]
+                    )
                     for field in RATIO_FIELDS
                 },
                 "paired_ratio_load_s": _paired_ratio(cell, reference),
@@ -433,7 +435,7 @@ def summarize(
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def format_value(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -441,10 +443,10 @@ def _cell(stats: dict[str, Any], field: str, spec: str) -> str:
     """A side's value, or in words why it has none."""
     if stats[field] is None and stats["error"]:
         return f"failed ({stats['error'].split(':')[0]})"
-    return _fmt(stats[field], spec)
+    return format_value(stats[field], spec)
 
 
-def _markdown_row(cells: list[str]) -> str:
+def markdown_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
@@ -457,14 +459,14 @@ def _side_table(
     """Rows of (field, label): one column per side, then fork/reference."""
     headers = [title, *(f"{side} s" for side in SIDES)]
     headers += [f"fork/{ref}" for ref in REFERENCES]
-    lines = [_markdown_row(headers), "|---|" + "--:|" * (len(headers) - 1)]
+    lines = [markdown_row(headers), "|---|" + "--:|" * (len(headers) - 1)]
     for field, label in fields:
         cells = [label, *(_cell(by_side[side], field, spec) for side in SIDES)]
         cells += [
-            _fmt(_ratio(by_side["fork"][field], by_side[ref][field]), ".2f")
+            format_value(ratio_of(by_side["fork"][field], by_side[ref][field]), ".2f")
             for ref in REFERENCES
         ]
-        lines.append(_markdown_row(cells))
+        lines.append(markdown_row(cells))
     return lines
 
 
@@ -480,7 +482,7 @@ def table(
         headers += [f"fork/{ref}", "paired"]
     headers += [f"{side} GB/s" for side in SIDES]
     headers += [f"{side} peak RSS MiB" for side in SIDES]
-    lines = [_markdown_row(headers), "|---|---|" + "--:|" * (len(headers) - 2)]
+    lines = [markdown_row(headers), "|---|---|" + "--:|" * (len(headers) - 2)]
     errors = []
     for row in summary["rows"]:
         for side in SIDES:
@@ -492,17 +494,17 @@ def table(
         cells += [_cell(row[side], "load_s", ".3f") for side in SIDES]
         for ref in REFERENCES:
             cells += [
-                _fmt(row["vs"][ref]["ratio_load_s"], ".2f"),
-                _fmt(row["vs"][ref]["paired_ratio_load_s"], ".2f"),
+                format_value(row["vs"][ref]["ratio_load_s"], ".2f"),
+                format_value(row["vs"][ref]["paired_ratio_load_s"], ".2f"),
             ]
         cells += [_cell(row[side], "gbs", ".2f") for side in SIDES]
         cells += [_cell(row[side], "peak_rss_mib", ".0f") for side in SIDES]
-        lines.append(_markdown_row(cells))
+        lines.append(markdown_row(cells))
     geomeans = "; ".join(
         f"fork/{ref}: "
         + ", ".join(
             f"{field.removesuffix('_load_s').replace('_', ' ')} {group} "
-            f"{_fmt(value, '.2f')}"
+            f"{format_value(value, '.2f')}"
             for field, by_group in by_field.items()
             for group, value in by_group.items()
         )
@@ -611,7 +613,7 @@ def chart(summary: dict[str, Any], copy_gbs: float, path: Path) -> None:
                 present = [t for t in times if t is not None]
                 if present:
                     label = "\n".join(
-                        _fmt(row["vs"][ref]["ratio_load_s"], ".2f")
+                        format_value(row["vs"][ref]["ratio_load_s"], ".2f")
                         for ref in REFERENCES
                     )
                     ax.annotate(label, (i, max(present)), ha="center", fontsize=7)
@@ -629,7 +631,9 @@ def chart(summary: dict[str, Any], copy_gbs: float, path: Path) -> None:
     fig.suptitle(
         "fork vs " + " vs ".join(REFERENCES) + ", medians of alternating runs\n"
         "plugin registration "
-        + ", ".join(f"{side} {_fmt(reg[side]['total_s'], '.2f')} s" for side in SIDES)
+        + ", ".join(
+            f"{side} {format_value(reg[side]['total_s'], '.2f')} s" for side in SIDES
+        )
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

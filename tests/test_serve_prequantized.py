@@ -7,7 +7,6 @@ offline from the same checkpoint and prompt.
 """
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.checkpoints import get_checkpoint
-from tests.oracle.harness import bnb_plugin, fork
+from tests.oracle.harness import bnb_plugin, fork, free_port
 
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 6
@@ -30,12 +29,6 @@ if __name__ == "__main__":
     params = SamplingParams(temperature=0, max_tokens=int(sys.argv[3]))
     print("RESULT", json.dumps(llm.generate([sys.argv[2]], params)[0].outputs[0].text))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upstream_completion(model: Path) -> str:

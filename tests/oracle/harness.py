@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,13 @@ DEPENDENCIES = ("torch", "transformers", "bitsandbytes", "safetensors", "numpy")
 def cache_dir() -> Path:
     """Where results live: ``$FORK_CACHE_DIR/oracle`` or ``<repo>/.cache``."""
     return Path(os.environ.get("FORK_CACHE_DIR", REPO / ".cache")) / "oracle"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a test server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def pristine_dir() -> Path:

@@ -7,7 +7,6 @@ engine starts show the message survives the engine's process boundaries.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz.bnb_fuzz import Mutation, write_case
+from tests.oracle.harness import free_port
 
 pytestmark = pytest.mark.engine
 pytest.importorskip("bitsandbytes")
@@ -81,18 +81,12 @@ def test_llm_refuses_with_one_clear_line(
     assert expected in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_exits_non_zero_before_serving(tmp_path: Path) -> None:
     model = _checkpoint(ZERO_BLOCKSIZE, tmp_path / "model")
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model)),
-            *("--host", "127.0.0.1", "--port", str(_free_port())),
+            *("--host", "127.0.0.1", "--port", str(free_port())),
             *("--enforce-eager", "--max-model-len", "256"),
         ],
         env=ENV,
