@@ -42,7 +42,7 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 # What each TP size runs: one engine start per case, fourteen in all. In-flight
 # 8-bit at TP=1 is also the reference of pre-quantized 8-bit at TP=2: both
-# must hold transformers' int8 bytes (see test_bnb_inflight_int8.py).
+# must hold transformers' int8 bytes (see test_bnb_online_int8.py).
 RUNS = {
     1: (
         "nf4",

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from vllm.plugins.bitsandbytes.checkpoint import (
-    quantize_in_flight,
     read_prequantized_4bit,
     read_prequantized_int8,
 )
 from vllm.plugins.bitsandbytes.layout import BY_ROWS, ExpertGroup, ExpertShard
+from vllm.plugins.bitsandbytes.online import quantize_online_4bit
 from vllm.plugins.bitsandbytes.states import (
     _fuse_expert_states,
     flatten_double_quant,
@@ -212,12 +212,12 @@ def test_prequantized_int8_collects_row_scales():
         list(read_prequantized_int8(stream(checkpoint), Layout(), {}))
 
 
-def test_in_flight_quantizes_only_this_ranks_rows():
+def test_online_4bit_quantizes_only_this_ranks_rows():
     weight = random_weight(128, 64)
     checkpoint = {WEIGHT: weight, "norm.weight": torch.ones(64)}
     states: dict = {}
     streamed = dict(
-        quantize_in_flight(stream(checkpoint), Layout(), states, tp_rank=1, tp_size=2)
+        quantize_online_4bit(stream(checkpoint), Layout(), states, tp_rank=1, tp_size=2)
     )
     expected_packed, expected_state = quantize(
         weight.chunk(2)[1], quant_type="nf4", compress_statistics=True

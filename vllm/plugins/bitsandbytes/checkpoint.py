@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""Checkpoint streams that turn checkpoint tensors into bitsandbytes storage.
+"""Streams that read pre-quantized checkpoints into bitsandbytes storage.
 
-Each stream yields `(checkpoint name, tensor)` pairs for the model's own
-`load_weights` and records, under vLLM's unstacked tensor name, the state
-bitsandbytes needs to use each quantized weight: a `QuantState` for 4-bit,
-the per-row scales (`SCB`) for LLM.int8().
+Each stream (here, and the online ones of `online`) yields
+`(checkpoint name, tensor)` pairs for the model's own `load_weights` and
+records, under vLLM's unstacked tensor name, the state bitsandbytes needs to
+use each quantized weight: a `QuantState` for 4-bit, the per-row scales
+(`SCB`) for LLM.int8().
 """
 
 import time
@@ -26,16 +27,11 @@ from vllm.plugins.bitsandbytes.state_checks import (
     parse_4bit_state,
 )
 from vllm.plugins.bitsandbytes.states import flatten_double_quant
-from vllm.utils.torch_utils import set_default_torch_dtype
 
 logger = init_logger(__name__)
 
 CheckpointTensors = Iterator[tuple[str, torch.Tensor]]
 
-# The in-flight format is fixed, whatever the config's 4-bit fields say: NF4
-# with double-quantized statistics, what vLLM has always produced.
-IN_FLIGHT_QUANT_TYPE = "nf4"
-IN_FLIGHT_DOUBLE_QUANT = True
 PROGRESS_LOG_INTERVAL_S = 30.0
 
 # Components transformers saves next to a 4-bit weight `<name>.weight`, besides
@@ -45,7 +41,7 @@ INT8_SCALE_SUFFIX = ".scb"
 INT8_FORMAT_SUFFIX = ".weight_format"
 
 
-class _Progress:
+class LoadProgress:
     """Logs how far a long quantizing load has got, at most every interval."""
 
     def __init__(self, what: str) -> None:
@@ -67,41 +63,6 @@ class _Progress:
             self.count,
             time.perf_counter() - self.started,
         )
-
-
-def quantize_in_flight(
-    checkpoint: CheckpointTensors,
-    layout: ModelLayout,
-    states: dict[str, Any],
-    tp_rank: int,
-    tp_size: int,
-) -> CheckpointTensors:
-    """Cut this rank's part of each target weight and quantize it to 4 bits."""
-    from vllm.plugins.bitsandbytes.quantize import quantize_4bit
-
-    progress = _Progress("quantized")
-    for name, tensor in checkpoint:
-        weight_name = layout.checkpoint_name(name)
-        split = layout.split_of(weight_name) if weight_name else None
-        if split is None:
-            yield name, tensor
-            continue
-        part = split.take(tensor, tp_rank, tp_size)
-        if not part.is_cuda:
-            part = part.to(device=current_platform.device_type)
-        # bitsandbytes reads the tensor as dense memory, see
-        # https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1342
-        part = part.contiguous()
-        # Quantization statistics are computed in float32.
-        with set_default_torch_dtype(torch.float32):
-            packed, states[weight_name] = quantize_4bit(
-                part,
-                compress_statistics=IN_FLIGHT_DOUBLE_QUANT,
-                quant_type=IN_FLIGHT_QUANT_TYPE,
-            )
-        progress.step()
-        yield name, packed
-    progress.done()
 
 
 def _detached(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,7 +154,7 @@ def read_prequantized_4bit(
     """
     components: dict[str, dict[str, torch.Tensor]] = {}
     waiting: dict[str, tuple[str, torch.Tensor]] = {}
-    progress = _Progress("read pre-quantized")
+    progress = LoadProgress("read pre-quantized")
 
     def with_state(
         weight_name: str, name: str, tensor: torch.Tensor
@@ -267,7 +228,7 @@ def read_prequantized_int8(
     """
     scales: dict[str, torch.Tensor] = {}
     waiting: dict[str, tuple[str, torch.Tensor]] = {}
-    progress = _Progress("read pre-quantized")
+    progress = LoadProgress("read pre-quantized")
 
     def with_scales(
         weight_name: str, name: str, tensor: torch.Tensor

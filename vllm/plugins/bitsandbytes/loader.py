@@ -12,7 +12,7 @@ the parameters that own them.
 
 Pre-quantized checkpoints are stored for a single rank. Under tensor
 parallelism each rank cuts its part out of the quantized storage and state
-(`reshard`), on the same `RankSplit`s the in-flight path uses.
+(`reshard`), on the same `RankSplit`s the online path uses.
 """
 
 import dataclasses
@@ -31,7 +31,6 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.plugins.bitsandbytes.checkpoint import (
     CheckpointTensors,
-    quantize_in_flight,
     read_prequantized_4bit,
     read_prequantized_int8,
 )
@@ -43,8 +42,8 @@ from vllm.plugins.bitsandbytes.config import (
     online_settings,
     require_bitsandbytes,
 )
-from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
 from vllm.plugins.bitsandbytes.layout import ModelLayout
+from vllm.plugins.bitsandbytes.online import quantize_online_4bit, quantize_online_int8
 from vllm.plugins.bitsandbytes.state_checks import readable_checkpoint
 from vllm.plugins.bitsandbytes.states import attach_quant_states
 
@@ -130,16 +129,16 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         tp_rank = get_tensor_model_parallel_rank()
         tp_size = get_tensor_model_parallel_world_size()
         settings = online_settings(model_config)
-        in_flight = checkpoint_config is None or settings is not None
-        if in_flight and settings and settings.get("load_in_8bit"):
+        online = checkpoint_config is None or settings is not None
+        if online and settings and settings.get("load_in_8bit"):
             logger.info("Quantizing weights to 8-bit with bitsandbytes while loading.")
-            return quantize_in_flight_int8(checkpoint, layout, states, tp_rank, tp_size)
-        if in_flight:
+            return quantize_online_int8(checkpoint, layout, states, tp_rank, tp_size)
+        if online:
             logger.info(
                 "Quantizing weights to 4-bit with bitsandbytes while loading; "
                 "this may take a while."
             )
-            return quantize_in_flight(checkpoint, layout, states, tp_rank, tp_size)
+            return quantize_online_4bit(checkpoint, layout, states, tp_rank, tp_size)
         if checkpoint_config.get("load_in_8bit", False):
             logger.info("Loading a pre-quantized bitsandbytes 8-bit checkpoint.")
             return read_prequantized_int8(checkpoint, layout, states, tp_rank, tp_size)

@@ -38,7 +38,7 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         if quant_config.load_in_8bit:
             raise ValueError(
                 "bitsandbytes 8-bit quantization does not support MoE experts; "
-                "use a 4-bit checkpoint or quantize in flight from the "
+                "use a 4-bit checkpoint or quantize online from the "
                 "unquantized one."
             )
         self.quant_config = quant_config

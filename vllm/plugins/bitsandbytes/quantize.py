@@ -5,7 +5,7 @@
 On CPU bitsandbytes quantizes with a generic torch kernel: it scales each
 block by the reciprocal of its absolute maximum in float32 and finds the code
 with `torch.bucketize` against the midpoints of the 16 code values. That
-search runs at ~20 Mparam/s and makes in-flight quantization ~20x slower than
+search runs at ~20 Mparam/s and makes online quantization ~20x slower than
 reading the checkpoint.
 
 This module does the same float32 arithmetic and replaces the search by table

@@ -16,7 +16,7 @@ as no quantization block straddles two ranks:
   scales along, columns keep all of them.
 
 Which rows or columns a rank keeps is asked of the same `RankSplit` the
-in-flight path cuts unquantized weights with, so both paths agree by
+online path cuts unquantized weights with, so both paths agree by
 construction.
 """
 
@@ -56,7 +56,7 @@ def _misaligned(
         f"{world_size} tensor-parallel ranks without cutting through "
         "quantization blocks; use a tensor_parallel_size whose parts are whole "
         "blocks, load it with tensor_parallel_size=1, or quantize the "
-        "unquantized checkpoint in flight."
+        "unquantized checkpoint online."
     )
 
 

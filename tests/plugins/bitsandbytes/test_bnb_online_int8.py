@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""In-flight LLM.int8() quantization equals what transformers produces.
+"""Online LLM.int8() quantization equals what transformers produces.
 
 The fixture `llama-bnb-int8` is the `llama` checkpoint loaded by transformers
 with `load_in_8bit=True` and saved, i.e. quantized by `bitsandbytes.nn.
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fixtures.checkpoints import get_checkpoint
-from vllm.plugins.bitsandbytes.inflight_int8 import quantize_in_flight_int8
 from vllm.plugins.bitsandbytes.layout import BY_COLUMNS, BY_ROWS
+from vllm.plugins.bitsandbytes.online import quantize_online_int8
 
 pytest.importorskip("bitsandbytes")
 
@@ -52,7 +52,7 @@ def checkpoints() -> tuple[dict, dict]:
 def stream(unquantized: dict, tp_rank: int, tp_size: int) -> tuple[dict, dict]:
     states: dict = {}
     weights = dict(
-        quantize_in_flight_int8(
+        quantize_online_int8(
             iter(list(unquantized.items())), Layout(), states, tp_rank, tp_size
         )
     )
