@@ -29,17 +29,11 @@ from safetensors.torch import load_file
 
 from tests.fixtures.checkpoints import get_checkpoint
 from tests.plugins.bitsandbytes import bnb_engine_probe
+from tests.plugins.bitsandbytes.test_bnb_moe_cpu import EXPERT_NAMES, IN_FLIGHT
 
 pytestmark = pytest.mark.engine
 
 F = pytest.importorskip("bitsandbytes.functional")
-
-# model -> checkpoint names of the gate, up and down projections
-EXPERT_NAMES = {
-    "mixtral": ("w1", "w3", "w2"),
-    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-}
-IN_FLIGHT = {"quantization": "bitsandbytes"}
 VARIANTS = {
     1: {"mixtral": ("nf4-dq", "nf4", "fp4", "fp4-dq"), "qwen2_moe": ("nf4-dq", "fp4")},
     2: {"mixtral": ("nf4-dq", "fp4"), "qwen2_moe": ("nf4-dq",)},
