@@ -19,19 +19,24 @@ JSON lines, because vLLM logs to stdout.
 start: the end-to-end check of the default benchmark run, and the engine
 start-up measurement of the full run.
 
-Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
-+ vllm) so it runs under whichever vllm the interpreter resolves: the
-installed fork, or a pristine tree through ``PYTHONPATH`` (0.32.0 with
-``vllm-bnb-plugin`` next to it, or 0.27.1).
+Like ``tests/oracle/run_case.py`` this file imports nothing but stdlib,
+torch, vllm and ``tests/engine_driver.py`` (itself stdlib + torch + vllm), so
+it runs under whichever vllm the interpreter resolves: the installed fork, or
+a pristine tree through ``PYTHONPATH`` (0.32.0 with ``vllm-bnb-plugin`` next
+to it, or 0.27.1).
 """
 
 import json
 import os
 import resource
 import sys
-import tempfile
 import time
+from pathlib import Path
 from typing import IO, Any
+
+# tests/, for engine_driver; appended, so it cannot shadow the vllm under test.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+import engine_driver  # noqa: E402
 
 GENERATE_PROMPT = "The quick brown fox"
 GENERATE_TOKENS = 16
@@ -43,26 +48,10 @@ def _peak_rss_mib() -> float:
 
 def load_once(model: str, quantization: str | None) -> dict[str, Any]:
     """Load ``model`` through vLLM's model loader; time the loader only."""
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed.parallel_state import (
-        ensure_model_parallel_initialized,
-        init_distributed_environment,
-    )
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
 
-    config = EngineArgs(
-        model=model, quantization=quantization, enforce_eager=True, max_model_len=256
-    ).create_engine_config()
-    with tempfile.TemporaryDirectory() as tmp, set_current_vllm_config(config):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"file://{tmp}/dist-init",
-            backend="gloo",
-        )
-        ensure_model_parallel_initialized(1, 1)
+    config = engine_driver.bare_load_config(model, quantization)
+    with engine_driver.worker_context(config):
         loader = get_model_loader(config.load_config)
         rss_before = _peak_rss_mib()
         modules_before = len(sys.modules)
@@ -201,8 +190,7 @@ def main() -> None:
             serve(responses)
     elif command == "generate":
         model, out = args
-        with open(out, "w") as file:
-            json.dump(generate(model), file)
+        engine_driver.write_json_atomic(out, generate(model))
     else:
         raise SystemExit(__doc__)
 

@@ -19,16 +19,15 @@ shared 2-core machine is not.
 
 Both record every executed line of ``linear.py`` and ``routed_experts.py``.
 
-Like ``tests/oracle/run_case.py`` this file is self-contained (stdlib + torch
-+ vllm) so it measures whichever vllm the interpreter resolves: the installed
-fork, or pristine upstream through ``PYTHONPATH``.
+Like ``tests/oracle/run_case.py`` this file imports nothing but stdlib,
+torch, vllm and ``tests/engine_driver.py`` (itself stdlib + torch + vllm), so
+it measures whichever vllm the interpreter resolves: the installed fork, or
+pristine upstream through ``PYTHONPATH``.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -36,19 +35,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# tests/, for engine_driver; appended, so it cannot shadow the vllm under test.
+sys.path.append(str(Path(__file__).resolve().parent))
+import engine_driver  # noqa: E402
+
+# Also this module's API: benchmarks/test_weight_loader_bench.py calls it.
+from engine_driver import init_distributed  # noqa: E402
+
+engine_driver.set_env_defaults()
 
 import torch  # noqa: E402
 
 import vllm  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
-from vllm.distributed.parallel_state import (  # noqa: E402
-    cleanup_dist_env_and_memory,
-    ensure_model_parallel_initialized,
-    init_distributed_environment,
-)
 from vllm.model_executor.layers import linear  # noqa: E402
 from vllm.model_executor.layers.fused_moe import (  # noqa: E402
     FusedMoEFactory,
@@ -123,18 +122,6 @@ class Tracer:
             yield
         finally:
             sys.settrace(None)
-
-
-def init_distributed(world_size: int, rank: int, init_method: str) -> None:
-    """A real gloo TP group of ``world_size`` ranks, as vLLM's own tests do."""
-    init_distributed_environment(
-        world_size=world_size,
-        rank=rank,
-        local_rank=rank,
-        distributed_init_method=init_method,
-        backend="gloo",
-    )
-    ensure_model_parallel_initialized(world_size, 1)
 
 
 def load_all(loader: Callable, param: torch.nn.Parameter, calls: list[tuple]) -> None:
@@ -262,7 +249,6 @@ def run_layers(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     """Lines the loaders executed over whole-model loads."""
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
 
@@ -271,22 +257,14 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     _set_torch_accelerator_to_noop()
 
     executed: dict[str, set[int]] = {path: set() for path in TRACED_FILES}
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, model_dir in enumerate(args.models):
-            config = EngineArgs(
-                model=model_dir, enforce_eager=True, max_model_len=256
-            ).create_engine_config()
-            # Parallel groups depend on the model (MoE needs an EP group).
-            with set_current_vllm_config(config):
-                init_distributed(1, 0, f"file://{tmp}/dist-init-{index}")
-                loader = get_model_loader(config.load_config)
-                tracer = Tracer(opcodes=False)
-                with tracer.tracing():
-                    loader.load_model(
-                        vllm_config=config, model_config=config.model_config
-                    )
-                cleanup_dist_env_and_memory()
-            _merge(executed, tracer.executed)
+    for model_dir in args.models:
+        config = engine_driver.bare_load_config(model_dir)
+        with engine_driver.worker_context(config):
+            loader = get_model_loader(config.load_config)
+            tracer = Tracer(opcodes=False)
+            with tracer.tracing():
+                loader.load_model(vllm_config=config, model_config=config.model_config)
+        _merge(executed, tracer.executed)
     return {
         "executed_lines": {path: sorted(lines) for path, lines in executed.items()},
     }
@@ -306,7 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run_layers(args) if args.command == "layers" else run_load(args)
     result["vllm"] = {"version": vllm.__version__, "file": vllm.__file__}
-    args.out.write_text(json.dumps(result, indent=1))
+    engine_driver.write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ release with bitsandbytes in core), or a perturbed copy of upstream used to
 prove the oracle can fail.
 Every case runs in a subprocess (``run_case.py``) so the two trees never share
 an interpreter. Results are cached on disk, keyed by the case spec, the side,
-a fingerprint of the code (vllm tree, key dependencies, run_case.py) and of
-the checkpoint, so a rerun is fast and a change to any of them is never
-served a stale result.
+a fingerprint of the code (vllm tree, key dependencies, run_case.py and the
+``engine_driver.py`` it imports) and of the checkpoint, so a rerun is fast
+and a change to any of them is never served a stale result.
 """
 
 import contextlib
@@ -30,6 +30,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_CASE = Path(__file__).with_name("run_case.py")
+# The code a case runs outside the vllm tree: run_case.py and its driver.
+RUN_CASE_CODE = (RUN_CASE, REPO / "tests" / "engine_driver.py")
 
 # Token-id prompts: no tokenizer is involved, so every checkpoint with a
 # vocabulary of at least 256 ids takes them. Different lengths make the
@@ -290,7 +292,9 @@ def side_identity(side: Side) -> dict[str, Any]:
         "vllm_dir": probe["vllm"],
         "vllm_tree": _tree_fingerprint(Path(probe["vllm"])),
         "deps": probe["deps"],
-        "run_case": hashlib.sha256(RUN_CASE.read_bytes()).hexdigest(),
+        "run_case": hashlib.sha256(
+            b"".join(path.read_bytes() for path in RUN_CASE_CODE)
+        ).hexdigest(),
     }
 
 

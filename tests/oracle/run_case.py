@@ -9,36 +9,30 @@ result object, or ``{"results": [...]}``). A case is::
     {"model": "/path", "llm_kwargs": {...}, "prompts": [[int, ...], ...],
      "max_tokens": 8, "logprobs": 5}
 
-This file is deliberately self-contained (stdlib + torch + vllm only): it runs
-under whichever ``vllm`` the interpreter resolves (pristine upstream via
-PYTHONPATH, the installed fork, or a perturbed tree) and must not import
-anything from the fork's repository. Every failure is recorded in the result
-instead of crashing, so an upstream crash is data for the harness.
+This file and ``tests/engine_driver.py``, the only other file it imports,
+use stdlib + torch + vllm alone: they run under whichever ``vllm`` the
+interpreter resolves (pristine upstream via PYTHONPATH, the installed fork,
+or a perturbed tree), so nothing else of the fork's repository may be
+imported. Every failure is recorded in the result instead of crashing, so an
+upstream crash is data for the harness.
 """
 
 import copy
 import gc
 import hashlib
 import json
-import os
 import sys
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-# Must be in place before vllm is imported; the harness sets them too, these
-# defaults only make a manual run behave the same.
-ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    # collective_rpc ships our digest function to the workers by pickle.
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
+# tests/, for engine_driver; appended, so it cannot shadow the vllm under test.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+import engine_driver  # noqa: E402
 
 # How deep the quant-state walk follows nested containers/objects; BNB needs 3
 # (dict shard -> QuantState -> state2 QuantState), a margin guards cycles.
@@ -197,28 +191,18 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def run_one(case: dict[str, Any]) -> dict[str, Any]:
     """Start an engine for one case, digest its weights and generate."""
-    from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
     result: dict[str, Any] = {"status": "ok", "timings": {}}
-    llm = None
     t0 = time.perf_counter()
     try:
-        llm = LLM(model=case["model"], **case.get("llm_kwargs", {}))
-        t1 = time.perf_counter()
-        result["ranks"] = sorted(
-            llm.collective_rpc(worker_digest), key=lambda r: r["rank"]
-        )
-        t2 = time.perf_counter()
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=case.get("max_tokens", 8),
-            logprobs=case.get("logprobs", 5),
-            ignore_eos=True,
-        )
-        prompts = [{"prompt_token_ids": ids} for ids in case["prompts"]]
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        t3 = time.perf_counter()
+        model, llm_kwargs = case["model"], case.get("llm_kwargs", {})
+        with engine_driver.engine(model, llm_kwargs) as engine:
+            t1 = time.perf_counter()
+            result["ranks"] = engine.per_rank(worker_digest)
+            t2 = time.perf_counter()
+            outputs = engine.generate_greedy(
+                case["prompts"], case.get("max_tokens", 8), case.get("logprobs", 5)
+            )
+            t3 = time.perf_counter()
         result["generation"] = [
             {
                 "prompt": list(out.prompt_token_ids),
@@ -237,12 +221,6 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         result["status"] = "error"
         result["error"] = _error(exc)
         result["timings"]["failed_after_s"] = time.perf_counter() - t0
-    finally:
-        # Leave the process as a fresh one for the next case: the in-process
-        # engine core keeps the distributed groups (e.g. no EP group for a
-        # MoE model after a dense one) unless they are torn down.
-        del llm
-        cleanup_dist_env_and_memory()
     return result
 
 
@@ -259,8 +237,7 @@ def main(argv: list[str]) -> int:
     source = sys.stdin if argv[1] == "-" else open(argv[1])  # noqa: SIM115
     with source:
         spec = json.load(source)
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    engine_driver.set_env_defaults()
     t0 = time.perf_counter()
     import vllm
 
@@ -271,22 +248,15 @@ def main(argv: list[str]) -> int:
         "python": sys.executable,
     }
     if "cases" not in spec:
-        _write(argv[2], dict(run_one(spec), env=env))
+        engine_driver.write_json_atomic(argv[2], dict(run_one(spec), env=env))
         return 0
     results: list[dict[str, Any]] = []
     for case in spec["cases"]:
         results.append(dict(run_one(case), env=env))
-        _write(argv[2], {"results": results})
+        engine_driver.write_json_atomic(argv[2], {"results": results})
         if results[-1]["status"] != "ok":
             break
     return 0
-
-
-def _write(path: str, output: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(output, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

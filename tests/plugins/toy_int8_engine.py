@@ -14,8 +14,8 @@ metrics use per component. A run that loaded also writes
 ``OUT_DIR/<name>-rank<r>.safetensors`` with every int8 parameter of that TP
 rank's model (the toy_int8 storage). Before each case a line ``=== case <name>`` goes to
 stdout, so the caller can tell which case logged what. Cases run one after
-another; the caller groups them by environment (e.g. ``VLLM_PLUGINS``,
-OpenMP binding).
+another, through ``tests/engine_driver.py``; the caller groups them by
+environment (e.g. ``VLLM_PLUGINS``, OpenMP binding).
 """
 
 import json
@@ -26,18 +26,23 @@ from typing import Any
 
 import torch
 
+# tests/, for engine_driver; appended, so it cannot shadow the installed vllm.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+import engine_driver  # noqa: E402
 
-def worker_state(worker: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+
+def worker_state(worker: Any) -> dict[str, Any]:
     """Runs in each TP worker: its rank and configuration, its int8 parameters.
 
-    Only the int8 storage can be read back: on CPU, an unquantized linear
-    layer's weight is repacked for the GEMM kernel and the parameter emptied.
+    The parameters come under ``int8_params``. Only the int8 storage can be
+    read back: on CPU, an unquantized linear layer's weight is repacked for
+    the GEMM kernel and the parameter emptied.
     """
     from vllm.model_executor.layers.linear import LinearBase
 
     vllm_config = worker.vllm_config
     model = worker.get_model()
-    config = {
+    return {
         "rank": worker.rank,
         "load_format": vllm_config.load_config.load_format,
         "enforce_eager": vllm_config.model_config.enforce_eager,
@@ -47,13 +52,12 @@ def worker_state(worker: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             for name, module in model.named_modules()
             if isinstance(module, LinearBase)
         },
+        "int8_params": {
+            name: param.detach().clone()
+            for name, param in model.named_parameters()
+            if param.dtype == torch.int8
+        },
     }
-    storage = {
-        name: param.detach().clone()
-        for name, param in model.named_parameters()
-        if param.dtype == torch.int8
-    }
-    return config, storage
 
 
 def metrics_weight_byte_size(vllm_config: Any) -> dict[str, float]:
@@ -71,43 +75,33 @@ def run_case(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Start the engine for one case, dump its workers' state and generate."""
     from safetensors.torch import save_file
 
-    from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm = None
     print(f"=== case {case['name']}", flush=True)
     try:
-        llm = LLM(model=case["model"], **case["llm_kwargs"])
-        ranks = []
-        for config, storage in llm.collective_rpc(worker_state):
-            rank_file = f"{case['name']}-rank{config['rank']}.safetensors"
-            save_file(storage, out_dir / rank_file)
-            ranks.append(config)
-        sampling = SamplingParams(
-            temperature=0.0, max_tokens=case["max_tokens"], ignore_eos=True
-        )
-        prompts = [{"prompt_token_ids": ids} for ids in case["prompts"]]
-        outputs = llm.generate(prompts, sampling, use_tqdm=False)
-        return {
-            "status": "ok",
-            "token_ids": [list(out.outputs[0].token_ids) for out in outputs],
-            "ranks": ranks,
-            "weight_byte_size": metrics_weight_byte_size(llm.llm_engine.vllm_config),
-        }
+        with engine_driver.engine(case["model"], case["llm_kwargs"]) as engine:
+            ranks = engine.per_rank(worker_state)
+            for rank in ranks:
+                rank_file = f"{case['name']}-rank{rank['rank']}.safetensors"
+                save_file(rank.pop("int8_params"), out_dir / rank_file)
+            return {
+                "status": "ok",
+                "token_ids": engine.greedy_token_ids(
+                    case["prompts"], case["max_tokens"]
+                ),
+                "ranks": ranks,
+                "weight_byte_size": metrics_weight_byte_size(engine.vllm_config),
+            }
     except Exception as exc:
         traceback.print_exc()
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        del llm
-        cleanup_dist_env_and_memory()
 
 
 def main(argv: list[str]) -> int:
+    engine_driver.set_env_defaults()
     spec = json.loads(Path(argv[1]).read_text())
     out_dir = Path(argv[2])
     for case in spec["cases"]:
         result = run_case(case, out_dir)
-        (out_dir / f"{case['name']}.json").write_text(json.dumps(result))
+        engine_driver.write_json_atomic(out_dir / f"{case['name']}.json", result)
     return 0
 
 

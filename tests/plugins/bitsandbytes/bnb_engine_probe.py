@@ -8,7 +8,8 @@ Tests call `run`, which starts this file as a script on a JSON spec
 weights dequantized per logical shard (with bitsandbytes' own functions) and
 the greedy token ids, and the raw storage and state fields of each weight
 (`raw`, for byte-level oracles). Several cases run one after another in one process, so
-an engine start is paid once per case, never once per check.
+an engine start is paid once per case, never once per check. The engine runs
+through `tests/engine_driver.py`.
 """
 
 import json
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# tests/, for engine_driver (stdlib only at import, so collection stays light).
+sys.path.append(str(Path(__file__).resolve().parents[2]))
+import engine_driver  # noqa: E402
 
 MAX_TOKENS = 16
 # Generous: only catches a hung engine.
@@ -78,29 +83,21 @@ def dequantized_shards(worker: Any) -> dict[str, Any]:
 
 
 def main(spec_path: str, result_path: str) -> None:
-    from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
+    engine_driver.set_env_defaults()
     with open(spec_path) as f:
         spec = json.load(f)
-    params = SamplingParams(
-        temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True
-    )
-    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     results = []
     for case in spec["cases"]:
-        llm = LLM(model=case["model"], **case["llm_kwargs"])
-        ranks = sorted(llm.collective_rpc(dequantized_shards), key=lambda r: r["rank"])
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        with engine_driver.engine(case["model"], case["llm_kwargs"]) as engine:
+            ranks = engine.per_rank(dequantized_shards)
+            tokens = engine.greedy_token_ids(spec["prompts"], spec["max_tokens"])
         results.append(
             {
                 "ranks": [rank["shards"] for rank in ranks],
                 "raw": [rank["raw"] for rank in ranks],
-                "tokens": [list(out.outputs[0].token_ids) for out in outputs],
+                "tokens": tokens,
             }
         )
-        del llm
-        cleanup_dist_env_and_memory()
     torch.save(results, result_path)
 
 
