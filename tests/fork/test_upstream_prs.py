@@ -3,9 +3,11 @@
 once, and an export carries what a vLLM pull request needs."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
+from forklib import features
 from forklib.base import Base
 from forklib.series import PATCHES, parse_series
 from forklib.upstream import (
@@ -13,18 +15,29 @@ from forklib.upstream import (
     PullRequest,
     cut_problems,
     export_upstream,
+    feature_patches,
     fork_only,
     own_files,
+    own_tree_files,
     pull_requests,
     tree_path,
+    without_fork_headers,
 )
 
 SERIES = parse_series((PATCHES / "series").read_text())
+REPO = PATCHES.parent
 
 
-def pr(name: str, patches: tuple[str, ...] = (), paths: tuple[str, ...] = ()):
+def pr(
+    name: str,
+    patches: tuple[str, ...] = (),
+    paths: tuple[str, ...] = (),
+    feature_names: tuple[str, ...] = (),
+):
     commits = (Commit("[Test] Add", "Why.", paths),) if paths else ()
-    return PullRequest(name, f"[Test] {name}", patches, commits, "p", "t")
+    return PullRequest(
+        name, f"[Test] {name}", patches, commits, "p", "t", features=feature_names
+    )
 
 
 def test_the_cut_places_every_patch_and_file_exactly_once():
@@ -41,7 +54,11 @@ def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
     ]
     files = own_files(tmp_path)
     assert files == {"vllm/pkg/a.py", "vllm/pkg/b.py", "upstream/tests/test_x.py"}
-    problems = cut_problems(prs, ["1.patch", "2.patch", "3.patch"], [], files, tmp_path)
+    no_features = tmp_path / "features"
+    no_features.mkdir()
+    problems = cut_problems(
+        prs, ["1.patch", "2.patch", "3.patch"], [], files, tmp_path, no_features
+    )
     assert problems == [
         "2.patch is placed 2 times (PRs and fork_only)",
         "3.patch is placed 0 times (PRs and fork_only)",
@@ -51,6 +68,73 @@ def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
         "upstream/tests/test_x.py is added by 0 commits of [[upstream.pr]]",
         "vllm/pkg/a.py is added by 2 commits of [[upstream.pr]]",
     ]
+
+
+def test_cut_problems_name_misplaced_feature_patches(tmp_path: Path):
+    stored = tmp_path / "features"
+    stored.mkdir()
+    for name in ("kept.patch", "twice.patch", "unlisted.patch"):
+        (stored / name).write_text("")
+    prs = [
+        pr("one", feature_names=("kept.patch", "twice.patch")),
+        pr("two", feature_names=("twice.patch", "gone.patch")),
+    ]
+    problems = cut_problems(prs, [], [], set(), tmp_path, stored)
+    assert problems == [
+        "patches/features/gone.patch is stored 0 and listed 1 times in [[upstream.pr]]",
+        "patches/features/twice.patch is stored 1 and listed 2 times in "
+        "[[upstream.pr]]",
+        "patches/features/unlisted.patch is stored 1 and listed 0 times in "
+        "[[upstream.pr]]",
+    ]
+
+
+def test_features_checkout_rebuilds_the_fork_from_the_plugin(tmp_path: Path):
+    """The plugin PR's files plus one commit per feature are the fork's."""
+    patches = feature_patches(pull_requests())
+    assert patches, "no feature series"
+    tree = tmp_path / "features"
+    repo = features.checkout(own_tree_files(), patches, tree)
+    subjects = repo.output("log", "--format=%s", f"{features.PLUGIN_TAG}..HEAD")
+    assert len(subjects.splitlines()) == len(patches)
+    for path in repo.output("diff", "--name-only", features.PLUGIN_TAG).split():
+        fork_file = REPO / own_tree_files()[path]
+        assert (tree / path).read_bytes() == fork_file.read_bytes()
+    plugin_files = repo.output("ls-tree", "-r", "--name-only", features.PLUGIN_TAG)
+    assert "vllm/plugins/bitsandbytes/quantize.py" not in plugin_files.split()
+    assert (tree / "vllm/plugins/bitsandbytes/quantize.py").exists()
+
+
+def test_a_stale_feature_patch_is_named(tmp_path: Path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("one\ntwo\n")
+    subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+    subprocess.run(["git", "add", "a.txt"], cwd=tree, check=True)
+    (tree / "a.txt").write_text("one\nthree\n")
+    patch = tmp_path / "stale.patch"
+    patch.write_text(
+        subprocess.run(
+            ["git", "diff"], cwd=tree, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    (tree / "a.txt").write_text("one\nfour\n")
+    with pytest.raises(SystemExit, match="patches/features/stale.patch no longer"):
+        features.remove_features(tree, [patch])
+
+
+def test_fork_headers_are_dropped_from_upstream_mails():
+    mail = (
+        "Subject: [PATCH] [Core] Do it\n\nWhy it matters.\n\n"
+        "Forwarded: not-yet\nOrigin: vllm-hooks fork; verified by\n tests/x.py\n"
+        "---\n a.py | 1 +\n"
+    )
+    assert without_fork_headers(mail) == (
+        "Subject: [PATCH] [Core] Do it\n\nWhy it matters.\n---\n a.py | 1 +\n"
+    )
+    # A closing paragraph that only mentions a field stays.
+    kept = "Subject: [PATCH] [Core] Do it\n\nSee Origin: below.\n---\n"
+    assert without_fork_headers(kept) == kept
 
 
 def test_upstream_directory_maps_to_vllms_tree():
@@ -81,6 +165,7 @@ def test_every_commit_is_signed_off_and_titled_like_vllm(exported):
             assert re.search(r"^Subject: \[PATCH( \d+/\d+)?\] \[[A-Z]", message, re.M)
             trailer = "Signed-off-by: vllm-fork-tools <vllm-fork-tools@localhost>"
             assert message.rstrip().endswith(trailer), patch
+            assert not re.search(r"^(Forwarded|Origin): ", message, re.M), patch
 
 
 def test_pr_descriptions_have_vllms_template_sections(exported):

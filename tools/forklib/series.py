@@ -198,15 +198,8 @@ def materialize(base: Base, tree: Path) -> Path:
     return tree
 
 
-def export(
-    tree: Path, destination: Path, previous_series: str | None = None
-) -> list[str]:
-    """Write `base..HEAD` of `tree` as patches plus `series`.
-
-    The series keeps the comments of `previous_series`, by default of the
-    series file already in `destination`.
-    """
-    repo = git.Repo(tree)
+def require_clean(repo: git.Repo, tree: Path) -> None:
+    """Refuse to export a tree with a git operation or changes pending."""
     operation = git.operation_in_progress(repo)
     if operation:
         raise SystemExit(
@@ -218,6 +211,18 @@ def export(
         raise SystemExit(
             f"{tree} has uncommitted changes; commit them first:\n{status}"
         )
+
+
+def export(
+    tree: Path, destination: Path, previous_series: str | None = None
+) -> list[str]:
+    """Write `base..HEAD` of `tree` as patches plus `series`.
+
+    The series keeps the comments of `previous_series`, by default of the
+    series file already in `destination`.
+    """
+    repo = git.Repo(tree)
+    require_clean(repo, tree)
     listing = destination / "series"
     if previous_series is None:
         previous_series = listing.read_text() if listing.exists() else ""

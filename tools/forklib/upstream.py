@@ -4,9 +4,10 @@ the check that each applies after the ones before it, imports at every
 commit and passes its tests.
 
 The cut lives in tools/fork.toml (`[[upstream.pr]]`): each PR takes patches
-of patches/ and commits adding files of this repository, `vllm/...` at the
+of patches/, commits adding files of this repository, `vllm/...` at the
 same path and `upstream/<path>` (tests and docs written for vLLM's tree) at
-`<path>`.
+`<path>`, and feature patches of patches/features/ (see `features`). The
+commits add the files as they are before the feature patches.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-from . import git, lint
+from . import features, git, lint
 from .base import CONFIG, REPO, Base, log
 from .series import (
     BINARY_SUFFIXES,
@@ -46,6 +47,11 @@ UPSTREAM_ROOT = "upstream"
 PR_DESCRIPTION = "PR.md"
 SUMMARY = "SUMMARY.md"
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+# The DEP-3 fields that close a patch message of patches/: where the patch
+# stands and what verifies it in this repository, which upstream has no use for.
+FORK_HEADER_FIELDS = (
+    "Forwarded:", "Origin:", "Bug:", "Applied-Upstream:", "Last-Update:",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class PullRequest:
     purpose: str
     test_plan: str
     fork_tests: tuple[str, ...] = ()
+    # Files of patches/features/, applied after `patches` and `commits`.
+    features: tuple[str, ...] = ()
 
     @property
     def tests(self) -> list[str]:
@@ -118,6 +126,7 @@ def pull_requests(config: dict[str, Any] = CONFIG) -> list[PullRequest]:
             purpose=pr["purpose"].strip(),
             test_plan=pr["test_plan"].strip(),
             fork_tests=tuple(pr.get("fork_tests", [])),
+            features=tuple(pr.get("features", [])),
         )
         for pr in config["upstream"]["pr"]
     ]
@@ -140,6 +149,11 @@ def tree_path(path: str) -> str:
     """Where a file of this repository goes in vLLM's tree."""
     prefix = f"{UPSTREAM_ROOT}/"
     return path.removeprefix(prefix) if path.startswith(prefix) else path
+
+
+def repository_path(path: str) -> str:
+    """Where a file of vLLM's tree goes in this repository (see `tree_path`)."""
+    return path if path.startswith(f"{OVERLAY.name}/") else f"{UPSTREAM_ROOT}/{path}"
 
 
 def repository_files(path: str, root: Path = REPO) -> list[str]:
@@ -165,12 +179,22 @@ def own_files(root: Path = REPO) -> set[str]:
     }
 
 
+def own_tree_files() -> dict[str, str]:
+    """The fork's own files: tree path to path in this repository."""
+    return {tree_path(path): path for path in sorted(own_files())}
+
+
+def feature_patches(prs: list[PullRequest]) -> list[Path]:
+    return [features.FEATURES / name for pr in prs for name in pr.features]
+
+
 def cut_problems(
     prs: list[PullRequest],
     patches: list[str],
     kept_out: list[str],
     files: set[str],
     root: Path = REPO,
+    stored_features: Path = features.FEATURES,
 ) -> list[str]:
     """Why the cut does not place every patch and every file exactly once."""
     problems = []
@@ -196,7 +220,32 @@ def cut_problems(
         count = assigned.count(path)
         if count != 1:
             problems.append(f"{path} is added by {count} commits of [[upstream.pr]]")
+    listed = [path.name for path in feature_patches(prs)]
+    stored = sorted(path.name for path in stored_features.glob("*.patch"))
+    for name in sorted(set(listed) | set(stored)):
+        if listed.count(name) != 1 or name not in stored:
+            problems.append(
+                f"patches/features/{name} is stored {int(name in stored)} and "
+                f"listed {listed.count(name)} times in [[upstream.pr]]"
+            )
     return problems
+
+
+def without_fork_headers(patch: str) -> str:
+    """A `git format-patch` mail without its closing DEP-3 paragraph."""
+    message, separator, diff = patch.partition("\n---\n")
+    body, _, last = message.rstrip("\n").rpartition("\n\n")
+    lines = last.splitlines()
+    if (
+        lines
+        and all(
+            line.startswith(FORK_HEADER_FIELDS) or line.startswith(" ")
+            for line in lines
+        )
+        and lines[0].startswith(FORK_HEADER_FIELDS)
+    ):
+        message = body
+    return message + separator + diff
 
 
 def export_upstream(base: Base, destination: Path) -> list[Series]:
@@ -219,22 +268,38 @@ def _export(base: Base, tree: Path, destination: Path) -> list[Series]:
             "[[upstream.pr]] in tools/fork.toml does not cut the fork cleanly:\n"
             + "\n".join(problems)
         )
+    files = own_tree_files()
+    # The fork's own files as the commits add them: without the features.
+    before_features = tree.parent / "before-features"
+    features.copy_own_files(files, before_features)
+    features.remove_features(before_features, feature_patches(prs))
     pristine_repository(base, tree)
     repo = git.Repo(tree, signer())
     shutil.rmtree(destination, ignore_errors=True)
     exported = []
     for index, pr in enumerate(prs, start=1):
         start = repo.output("rev-parse", "HEAD").strip()
-        if pr.patches and not git.am(repo, [PATCHES / name for name in pr.patches]):
+        mails = []
+        for name in pr.patches:
+            mails.append(tree.parent / "mails" / name)
+            mails[-1].parent.mkdir(exist_ok=True)
+            mails[-1].write_text(without_fork_headers((PATCHES / name).read_text()))
+        if mails and not git.am(repo, mails):
             raise SystemExit(f"{pr.name}: its patches do not apply (see above)")
         for commit in pr.commits:
             for path in commit.paths:
                 for found in repository_files(path):
-                    target = tree / tree_path(found)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(REPO / found, target)
+                    source = before_features / tree_path(found)
+                    if source.exists():  # else a feature patch adds it
+                        target = tree / tree_path(found)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(source, target)
                 repo.run("add", tree_path(path))
             repo.run("commit", "-q", "-m", commit.message)
+        if pr.features and not git.am(
+            repo, [features.FEATURES / name for name in pr.features]
+        ):
+            raise SystemExit(f"{pr.name}: its feature patches do not apply (see above)")
         revisions = f"{start}..HEAD"
         numstat = git.numstat(repo, revisions)
         patches = git.format_patch(
@@ -249,6 +314,8 @@ def _export(base: Base, tree: Path, destination: Path) -> list[Series]:
             removed=sum(removed for _, removed, _ in numstat),
         )
         exported.append(Series(pr, patches[0].parent, patches, size))
+    features.copy_own_files(files, tree.parent / "fork-files")
+    _compare_files(tree, tree.parent / "fork-files", list(files))
     return exported
 
 
@@ -454,15 +521,20 @@ def check_upstream(base: Base, destination: Path) -> list[Series]:
 def _lint_series(base: Base, repo: git.Repo, revisions: str) -> str:
     """Upstream's lint on the Python files a series touches, as a result line."""
     changes = git.changes(repo, revisions)
-    patched = lint.python_files([p for p, kind in changes.items() if kind == "M"])
-    added = lint.python_files([p for p, kind in changes.items() if kind == "A"])
+    # A file upstream lacks (a feature series editing the plugin) is held to
+    # being clean, like an added one.
+    upstream_files = [p for p in changes if (base.pristine / p).exists()]
+    patched = lint.python_files([p for p in upstream_files if changes[p] == "M"])
+    added = lint.python_files(
+        [p for p, kind in changes.items() if kind != "D" and p not in patched]
+    )
     problems = lint.new_violations(repo.path, base.pristine, patched, added)
     if problems:
         raise SystemExit("ruff with vLLM's settings rejects:\n" + "\n".join(problems))
     return (
         f"`ruff check` and `ruff format --check` with vLLM's settings "
-        f"(tools/ruff-vllm.toml): the {len(added)} added Python files are clean, "
-        f"the {len(patched)} patched ones have no new violations."
+        f"(tools/ruff-vllm.toml): the {len(added)} Python files upstream lacks "
+        f"are clean, the {len(patched)} patched ones have no new violations."
     )
 
 
@@ -494,6 +566,16 @@ def _compare(tree: Path, expected: Path, failure: str) -> None:
     ).stdout
     if differences:
         raise SystemExit(f"{failure}:\n{differences}")
+
+
+def _compare_files(tree: Path, expected: Path, paths: list[str]) -> None:
+    """The series end with the fork's own files, features included."""
+    _, differing, missing = filecmp.cmpfiles(expected, tree, paths, shallow=False)
+    if differing or missing:
+        raise SystemExit(
+            "after all series these files differ from the fork's: "
+            f"{differing + missing}"
+        )
 
 
 def upstream_has(base: Base, module: str) -> bool:
