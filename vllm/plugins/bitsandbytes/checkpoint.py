@@ -17,11 +17,13 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.config import BitsAndBytesCheckpointError
+from vllm.plugins.bitsandbytes.config import (
+    PACKED_STATE_PREFIX,
+    BitsAndBytesCheckpointError,
+)
 from vllm.plugins.bitsandbytes.layout import WEIGHT_SUFFIX, ModelLayout
 from vllm.plugins.bitsandbytes.reshard import reshard_4bit, reshard_int8_scales
 from vllm.plugins.bitsandbytes.state_checks import (
-    PACKED_STATE_PREFIX,
     check_4bit_weight,
     check_int8_weight,
     parse_4bit_state,

@@ -29,6 +29,8 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # them typed like the model's other parameters so that FSDP can shard them;
 # the bytes are the same, the loader reads them as bytes.
 SUPPORTED_4BIT_QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+# The tensor transformers packs a 4-bit state's non-tensor fields into, as JSON.
+PACKED_STATE_PREFIX = "quant_state.bitsandbytes__"
 
 
 class BitsAndBytesCheckpointError(ValueError):

@@ -21,12 +21,11 @@ from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles
 from vllm.plugins.bitsandbytes.config import (
     BLOCK_SIZES,
+    PACKED_STATE_PREFIX,
     SUPPORTED_4BIT_QUANT_TYPES,
     BitsAndBytesCheckpointError,
 )
 
-# The tensor transformers packs a 4-bit state's non-tensor fields into, as JSON.
-PACKED_STATE_PREFIX = "quant_state.bitsandbytes__"
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
 # Entries of the 4-bit code book and of the 8-bit one of double quantization.
 CODE_SIZE_4BIT = 16
