@@ -21,18 +21,23 @@ branches only packed or indexed parameters take.
 import ast
 import json
 import os
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures.checkpoints import get_checkpoint
-from tests.oracle.harness import Side, fork, pristine_dir, upstream
+from tests.oracle.harness import (
+    Side,
+    fork,
+    pristine_dir,
+    start_in_session,
+    stop_session,
+    upstream,
+)
 
 PROBE = Path(__file__).with_name("zero_cost_probe.py")
 # (world_size, rank) of the tensor-parallel positions measured.
@@ -47,22 +52,12 @@ TIMEOUT_S = 300
 
 def _spawn(side: Side, args: list[str], out: Path, **env: str) -> subprocess.Popen:
     """Start the probe on ``side``; its output goes to ``out`` with ``.log``."""
-    with out.with_suffix(".log").open("w") as log:
-        return subprocess.Popen(
-            [side.python, str(PROBE), *args],
-            env={**side.env(), **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=out.parent,
-            start_new_session=True,
-        )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return start_in_session(
+        [side.python, str(PROBE), *args],
+        {**side.env(), **env},
+        out.with_suffix(".log"),
+        out.parent,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,7 @@ def probes() -> Iterator[dict[tuple, Any]]:
                 results[key] = json.loads(out.read_text())
         finally:
             for proc, _ in jobs.values():
-                _stop(proc)
+                stop_session(proc)
         yield results
 
 

@@ -144,6 +144,33 @@ def fork() -> Side:
     return Side("fork", (), python())
 
 
+def start_in_session(
+    argv: list[str], env: dict[str, str], log_file: Path, cwd: Path
+) -> subprocess.Popen:
+    """Start a side's process in its own session, its output to ``log_file``.
+
+    ``cwd`` must not be the repository root, whose ``vllm/`` overlay would
+    shadow the tree under test.
+    """
+    with log_file.open("w") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Kill the session (it holds the engine's workers too) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def perturbed(tree: Path) -> Side:
     """A deliberately broken upstream copy (see ``build_perturbed_tree``)."""
     return Side("perturbed", (tree,), python())
@@ -331,27 +358,18 @@ def _run_batch(
             spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "result.json")
             spec_file.write_text(json.dumps({"cases": [m["spec"] for _, m in pending]}))
             log_file = logs / f"{side.name}-{pending[0][0]}.log"
-            with log_file.open("w") as log:
-                proc = subprocess.Popen(
-                    [side.python, str(RUN_CASE), str(spec_file), str(out_file)],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=tmp,
-                    start_new_session=True,
-                )
-                try:
-                    returncode = proc.wait(
-                        BATCH_TIMEOUT_S + CASE_TIMEOUT_S * len(pending)
-                    )
-                except subprocess.TimeoutExpired:
-                    returncode = None
-                finally:
-                    # The session holds the engine's workers too.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            proc = start_in_session(
+                [side.python, str(RUN_CASE), str(spec_file), str(out_file)],
+                env,
+                log_file,
+                Path(tmp),
+            )
+            try:
+                returncode = proc.wait(BATCH_TIMEOUT_S + CASE_TIMEOUT_S * len(pending))
+            except subprocess.TimeoutExpired:
+                returncode = None
+            finally:
+                stop_session(proc)
             done = (
                 json.loads(out_file.read_text())["results"] if out_file.exists() else []
             )
