@@ -155,8 +155,11 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
         input_dtype = x.dtype
-        leading_shape = x.shape[:-1]
-        x_2d = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+        # vLLM passes one row per token; flatten only other callers' batches,
+        # so a forward step dispatches no reshape it does not need.
+        leading_shape = None if x.dim() == 2 else x.shape[:-1]
+        x_2d = x if leading_shape is None else x.reshape(-1, x.shape[-1])
+        x_2d = x_2d.to(COMPUTE_DTYPE)
         weight = layer.weight
         rows = sum(state.shape[0] for state in weight.bnb_quant_state.values())
         if self.quant_config.load_in_8bit:
@@ -166,7 +169,9 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
             torch.ops.vllm.bitsandbytes_matmul_4bit(
                 x_2d, weight, weight.bnb_shard_offsets, out
             )
-        out = out.to(input_dtype).view(*leading_shape, rows)
+        out = out.to(input_dtype)
+        if leading_shape is not None:
+            out = out.view(*leading_shape, rows)
         if bias is not None:
             out += bias
         return out
