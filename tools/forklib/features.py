@@ -52,9 +52,11 @@ def remove_features(root: Path, patches: list[Path]) -> None:
         if result.returncode != 0:
             raise SystemExit(
                 f"patches/features/{patch.name} no longer matches the fork's files "
-                f"(git apply -R: {result.stderr.strip()}). Refresh it: "
-                "`tools/fork.py features-checkout --tree DIR`, fix the feature's "
-                "commit there, `tools/fork.py features-export --tree DIR`."
+                f"(git apply -R: {result.stderr.strip()}). Code a feature patch "
+                "changes is edited in the features checkout, not in vllm/: set "
+                "the edit aside (git stash), run `tools/fork.py "
+                "features-checkout`, redo it in the commit it belongs to there, "
+                "then `tools/fork.py features-export`."
             )
 
 
