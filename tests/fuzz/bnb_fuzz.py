@@ -389,20 +389,10 @@ def _init_distributed() -> None:
     global _distributed_ready
     if _distributed_ready:
         return
-    from vllm.distributed.parallel_state import (
-        ensure_model_parallel_initialized,
-        init_distributed_environment,
-    )
+    from tests.engine_driver import init_distributed
 
     init_file = Path(tempfile.mkdtemp(prefix="bnb-fuzz-dist-")) / "init"
-    init_distributed_environment(
-        world_size=1,
-        rank=0,
-        local_rank=0,
-        distributed_init_method=f"file://{init_file}",
-        backend="gloo",
-    )
-    ensure_model_parallel_initialized(1, 1)
+    init_distributed(1, 0, f"file://{init_file}")
     _distributed_ready = True
 
 

@@ -11,12 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
+import bitsandbytes  # noqa: F401
 import torch
 
 from tests.fuzz import bnb_fuzz
-
-pytest.importorskip("bitsandbytes")
 
 
 def test_quick_fuzz_finds_nothing() -> None:

@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401
 import pytest
 
 from tests.fuzz.bnb_fuzz import Mutation, write_case
 from tests.oracle.harness import free_port
 
 pytestmark = pytest.mark.engine
-pytest.importorskip("bitsandbytes")
 
 ENV = {
     **os.environ,

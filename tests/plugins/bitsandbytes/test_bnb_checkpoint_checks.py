@@ -8,6 +8,7 @@ checkpoints are valid ones, saved as transformers saves them, with one entry
 broken.
 """
 
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ from tests.plugins.bitsandbytes.test_bnb_checkpoint_states import (
     consume_4bit,
     saved_4bit,
 )
-
-pytest.importorskip("bitsandbytes")
 
 
 def test_4bit_bytes_of_another_type_than_declared_are_refused():

@@ -9,6 +9,7 @@ from bitsandbytes' quantize/dequantize functions, not from the plugin.
 
 from collections.abc import Iterator
 
+import bitsandbytes.functional as bnb
 import pytest
 import torch
 
@@ -22,8 +23,6 @@ from vllm.plugins.bitsandbytes.states import (
     _fuse_expert_states,
     flatten_double_quant,
 )
-
-bnb = pytest.importorskip("bitsandbytes.functional")
 
 WEIGHT = "layers.0.proj.weight"
 

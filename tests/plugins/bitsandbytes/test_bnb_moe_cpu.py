@@ -13,6 +13,7 @@ tokens are not compared with anything (upstream cannot run these models).
 
 from pathlib import Path
 
+import bitsandbytes.functional as F
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +23,6 @@ from tests.plugins.bitsandbytes import bnb_engine_probe
 
 pytestmark = pytest.mark.engine
 
-F = pytest.importorskip("bitsandbytes.functional")
 
 # model -> checkpoint names of the gate, up and down projections
 EXPERT_NAMES = {

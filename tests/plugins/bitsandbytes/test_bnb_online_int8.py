@@ -11,6 +11,7 @@ of them for a row-parallel layer).
 
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,8 +19,6 @@ from safetensors.torch import load_file
 from tests.fixtures.checkpoints import get_checkpoint
 from vllm.plugins.bitsandbytes.layout import BY_COLUMNS, BY_ROWS
 from vllm.plugins.bitsandbytes.online import quantize_online_int8
-
-pytest.importorskip("bitsandbytes")
 
 # Llama's row-parallel projections; the other linear layers split by rows.
 ROW_PARALLEL = ("o_proj", "down_proj")

@@ -12,6 +12,7 @@ decided here from the plain block arithmetic, not from the code under test.
 import copy
 import math
 
+import bitsandbytes.functional as F
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,8 +21,6 @@ from hypothesis import strategies as st
 from vllm.plugins.bitsandbytes.layout import BY_COLUMNS, BY_ROWS, RankSplit
 from vllm.plugins.bitsandbytes.reshard import reshard_4bit, reshard_int8_scales
 from vllm.plugins.bitsandbytes.states import flatten_double_quant
-
-F = pytest.importorskip("bitsandbytes.functional")
 
 world_sizes = st.sampled_from([2, 4])
 block_sizes = st.sampled_from([64, 128, 256])

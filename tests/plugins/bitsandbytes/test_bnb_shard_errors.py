@@ -14,14 +14,13 @@ import json
 import shutil
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures.checkpoints import get_checkpoint
 from tests.fuzz.bnb_fuzz import load_directory
-
-pytest.importorskip("bitsandbytes")
 
 SHARDS = [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
 DAMAGED = SHARDS[1]

@@ -23,6 +23,7 @@ Tokens of a flat random model change with the last bit of any scale, so
 they are required only to be generated in full.
 """
 
+import bitsandbytes.functional as F
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,7 +34,6 @@ from tests.plugins.bitsandbytes.test_bnb_moe_cpu import EXPERT_NAMES, IN_FLIGHT
 
 pytestmark = pytest.mark.engine
 
-F = pytest.importorskip("bitsandbytes.functional")
 VARIANTS = {
     1: {"mixtral": ("nf4-dq", "nf4", "fp4", "fp4-dq"), "qwen2_moe": ("nf4-dq", "fp4")},
     2: {"mixtral": ("nf4-dq", "fp4"), "qwen2_moe": ("nf4-dq",)},

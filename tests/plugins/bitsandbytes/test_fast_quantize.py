@@ -12,16 +12,14 @@ dtype's extremes, partial last blocks and odd value counts.
 
 import math
 
+import bitsandbytes.functional as bnb
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm.plugins.bitsandbytes.quantize import quantize_4bit
 from vllm.utils.torch_utils import set_default_torch_dtype
-
-bnb = pytest.importorskip("bitsandbytes.functional")
-
-from vllm.plugins.bitsandbytes.quantize import quantize_4bit  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4")

@@ -20,20 +20,36 @@ from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
 
 REGISTER = """
 import json, sys
+# Every vLLM process registers plugins after importing the engine arguments,
+# the API server too, which never loads a model.
+import vllm.engine.arg_utils
+before = set(sys.modules)
 from vllm.plugins.bitsandbytes import register
 register()
 register()
+registration = sorted(set(sys.modules) - before)
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+imported = sorted(
+    m for m in sys.modules if m.split(".")[0] == "bitsandbytes"
+    or m.startswith("vllm.plugins.bitsandbytes.")
+    or m.startswith("vllm.model_executor.model_loader.")
+    or m == "vllm.model_executor.layers.linear"
+)
+registered_loader = _LOAD_FORMAT_TO_MODEL_LOADER.get("bitsandbytes")
+from vllm.config.load import LoadConfig
+from vllm.model_executor.layers.quantization import get_quantization_config
+from vllm.model_executor.model_loader import get_model_loader
+config = get_quantization_config("bitsandbytes")
+loader = type(get_model_loader(LoadConfig(load_format="bitsandbytes")))
 print(json.dumps({
     "method": "bitsandbytes" in QUANTIZATION_METHODS,
-    "loader": _LOAD_FORMAT_TO_MODEL_LOADER.get("bitsandbytes"),
-    "imported": sorted(
-        m for m in sys.modules if m.split(".")[0] == "bitsandbytes"
-        or m.startswith("vllm.plugins.bitsandbytes.")
-        or m.startswith("vllm.model_executor.model_loader.")
-        or m == "vllm.model_executor.layers.linear"
-    ),
+    "loader": registered_loader,
+    "imported": imported,
+    "registration": registration,
+    "config": f"{config.__module__}.{config.__qualname__}",
+    "loader_class": f"{loader.__module__}.{loader.__qualname__}",
+    "bitsandbytes_after_loading_the_loader": "bitsandbytes" in sys.modules,
 }))
 """
 
@@ -43,12 +59,25 @@ def test_registration_is_cheap_and_idempotent() -> None:
         [sys.executable, "-c", REGISTER], check=True, text=True, stdout=subprocess.PIPE
     )
     registered = json.loads(result.stdout.splitlines()[-1])
+    loader = "vllm.plugins.bitsandbytes.loader.BitsAndBytesModelLoader"
+    # What registering imports beyond the engine arguments: the plugin's
+    # package and config and core's loader registry.
+    assert set(registered.pop("registration")) <= {
+        "vllm.plugins.bitsandbytes",
+        "vllm.plugins.bitsandbytes.config",
+        "vllm.model_executor.model_loader",
+    }
     assert registered == {
         "method": True,
-        "loader": "vllm.plugins.bitsandbytes.loader.BitsAndBytesModelLoader",
+        "loader": loader,
         # Neither bitsandbytes nor a loader nor the model layers: only the
         # plugin's config.
         "imported": ["vllm.plugins.bitsandbytes.config"],
+        "config": "vllm.plugins.bitsandbytes.config.BitsAndBytesConfig",
+        # The registered name resolves to the plugin's loader, and importing
+        # it still does not import bitsandbytes.
+        "loader_class": loader,
+        "bitsandbytes_after_loading_the_loader": False,
     }
 
 
