@@ -111,9 +111,19 @@ def _has_type(value: object, expected: Any) -> bool:
 class BitsAndBytesConfig(QuantizationConfig):
     """bitsandbytes 4-bit (NF4/FP4, QLoRA) and LLM.int8() quantization.
 
-    The fields are those of `transformers.BitsAndBytesConfig`, which a
-    pre-quantized checkpoint stores as its `quantization_config`; the defaults
-    describe what vLLM quantizes an unquantized checkpoint to.
+    The fields and their defaults are those of `transformers.BitsAndBytesConfig`,
+    which a pre-quantized checkpoint stores as its `quantization_config`: a
+    field it leaves out or writes as null is read as transformers and vLLM
+    0.27.1 read it (e.g. fp4 without double quantization).
+
+    The defaults do not describe online quantization: an unquantized
+    checkpoint quantized while loading to 4 bits is always NF4 with
+    double-quantized statistics, whatever `bnb_4bit_quant_type` and
+    `bnb_4bit_use_double_quant` say.
+
+    `bnb_4bit_compute_dtype` is accepted and not used: the linear layers
+    compute in bfloat16, as in vLLM 0.27.1. `llm_int8_enable_fp32_cpu_offload`
+    must be false (vLLM keeps no layer in float32 on the CPU).
     See https://arxiv.org/abs/2305.14314 (QLoRA).
     """
 
@@ -141,6 +151,12 @@ class BitsAndBytesConfig(QuantizationConfig):
                     f"quantization_config has {setting.name}={value!r}, which is "
                     f"not a {setting.type}; fix the checkpoint's config.json."
                 )
+        if self.llm_int8_enable_fp32_cpu_offload:
+            raise ValueError(
+                "quantization_config has llm_int8_enable_fp32_cpu_offload=true, "
+                "asking for layers kept in float32 on the CPU, which vLLM cannot "
+                "do; set it to false in config.json or --quantization-config."
+            )
         if self.bnb_4bit_quant_storage not in SUPPORTED_4BIT_QUANT_STORAGE:
             raise ValueError(
                 f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r} is not "
