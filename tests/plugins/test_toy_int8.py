@@ -26,13 +26,13 @@ must run eagerly and load through the plugin's loader, whose refusal of a
 checkpoint that lacks a weight shows it ran.
 """
 
-import importlib.metadata
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -81,30 +81,42 @@ LINEAR_LAYERS = {
 
 
 @pytest.fixture(scope="session")
-def toy_int8_plugin() -> None:
-    """Install the plugin package (editable) unless this one already is.
+def toy_int8_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment that gives a subprocess the plugin, as if installed.
 
-    `./tools/setup` builds the environment without test plugins; installing
-    here keeps `python -m pytest` self-sufficient. `--no-build-isolation`
-    uses the environment's setuptools, so no network is needed.
+    A temporary directory holds a copy of the package and a `.dist-info`
+    declaring the entry point of its pyproject.toml; a process that has it on
+    `PYTHONPATH` finds the plugin as vLLM finds installed plugins (through
+    `importlib.metadata`). Nothing is installed into the environment. This
+    process imports the package from its sources, without the entry point,
+    so its own plugin loading is unchanged.
     """
-    try:
-        direct_url = importlib.metadata.distribution("vllm-toy-int8").read_text(
-            "direct_url.json"
+    project = tomllib.loads((PLUGIN_DIR / "pyproject.toml").read_text())["project"]
+    site = tmp_path_factory.mktemp("toy-int8-site")
+    package = PLUGIN_DIR / "src" / "vllm_toy_int8"
+    shutil.copytree(
+        package, site / package.name, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    name, version = project["name"], project["version"]
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "".join(
+            f"[{group}]\n"
+            + "".join(f"{key} = {target}\n" for key, target in points.items())
+            for group, points in project["entry-points"].items()
         )
-    except importlib.metadata.PackageNotFoundError:
-        direct_url = None
-    if not (direct_url and json.loads(direct_url).get("url") == PLUGIN_DIR.as_uri()):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
-            + ["--no-build-isolation", "-e", str(PLUGIN_DIR)],
-            check=True,
-        )
-    # An editable install is seen by new interpreters (the engine runs); this
-    # one read its site-packages before the install.
+    )
     source = str(PLUGIN_DIR / "src")
     if source not in sys.path:
         sys.path.insert(0, source)
+    inherited = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": os.pathsep.join([str(site)] + ([inherited] if inherited else []))
+    }
 
 
 def reference_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +143,7 @@ def reference_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     tp_size=st.integers(1, 4),
 )
 def test_indexer_places_shards_as_blocks(
-    toy_int8_plugin: None, shard_rows: list[int], width: int, tp_size: int
+    toy_int8_plugin: dict[str, str], shard_rows: list[int], width: int, tp_size: int
 ) -> None:
     """A shard's rows map to its block, among this rank's or all ranks' blocks.
 
@@ -252,7 +264,9 @@ def engine_case(name: str, model: Path, **llm_kwargs: Any) -> dict[str, Any]:
     }
 
 
-def run_engine(cases: list[dict], out_dir: Path, env: dict[str, str]) -> None:
+def run_engine(
+    cases: list[dict], out_dir: Path, env: dict[str, str], plugin: dict[str, str]
+) -> None:
     """Run cases in one engine subprocess; results land in `out_dir`."""
     spec = out_dir / f"{cases[0]['name']}-spec.json"
     spec.write_text(json.dumps({"cases": cases}))
@@ -260,6 +274,7 @@ def run_engine(cases: list[dict], out_dir: Path, env: dict[str, str]) -> None:
     # Its insecure serialization lets collective_rpc ship the storage-reading
     # function to the workers.
     full_env.update(ENGINE_ENV)
+    full_env.update(plugin)
     full_env.update(env)
     log = out_dir / f"{cases[0]['name']}.log"
     with log.open("w") as log_file:
@@ -274,7 +289,7 @@ def run_engine(cases: list[dict], out_dir: Path, env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine_runs(toy_int8_plugin, tmp_path_factory) -> Path:
+def engine_runs(toy_int8_plugin: dict[str, str], tmp_path_factory) -> Path:
     """All engine runs of this module (four engine starts), done once."""
     out = tmp_path_factory.mktemp("toy_int8")
     llama, phi3 = get_checkpoint("llama"), get_checkpoint("phi3")
@@ -296,6 +311,7 @@ def engine_runs(toy_int8_plugin, tmp_path_factory) -> Path:
         ],
         out,
         {},
+        toy_int8_plugin,
     )
     run_engine(
         [
@@ -313,12 +329,14 @@ def engine_runs(toy_int8_plugin, tmp_path_factory) -> Path:
         ],
         out,
         TP2_ENV,
+        toy_int8_plugin,
     )
     # The plugin filter excludes toy_int8: the engine must refuse to start.
     run_engine(
         [engine_case("disabled", llama, **TOY)],
         out,
         {"VLLM_PLUGINS": "bitsandbytes"},
+        toy_int8_plugin,
     )
     return out
 
@@ -474,7 +492,7 @@ def test_disabled_plugin_is_a_clear_error(engine_runs: Path) -> None:
     assert "add 'toy_int8' to VLLM_PLUGINS" in run["error"]
 
 
-def test_loader_is_registered_by_name(toy_int8_plugin: None) -> None:
+def test_loader_is_registered_by_name(toy_int8_plugin: dict[str, str]) -> None:
     """Registering imports no loader; the load format resolves to the plugin's."""
     code = (
         "import sys\n"
@@ -487,7 +505,11 @@ def test_loader_is_registered_by_name(toy_int8_plugin: None) -> None:
         "print(type(loader).__module__)\n"
     )
     run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **toy_int8_plugin},
     )
     imported_at_registration, loader_module = run.stdout.split()[-2:]
     assert imported_at_registration == "False"
