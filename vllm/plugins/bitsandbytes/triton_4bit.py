@@ -1,0 +1,182 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""bitsandbytes 4-bit (NF4/FP4) linear layers on CUDA, one call per merged layer.
+
+The weights stay as bitsandbytes stores them: row-major, two values per byte
+(the even column in the high nibble), one float32 absmax per block of
+`blocksize` consecutive values. A merged layer's shards (q/k/v, gate/up),
+concatenated, are then the storage of the stacked matrix, so one call covers
+the layer instead of one per shard.
+
+One token runs bitsandbytes' own GEMV, which is the fastest kernel here for
+it. From `MIN_TRITON_TOKENS` tokens on, a Triton kernel decodes the whole
+layer once and cuBLAS multiplies, as vLLM's AWQ path does for large batches;
+the decoded weights equal `bitsandbytes.functional.dequantize_4bit`'s bit for
+bit (code value times block absmax in float32, rounded to bfloat16).
+
+The module imports only torch, triton and bitsandbytes, so it is checked on
+a CPU under `TRITON_INTERPRET=1` and timed on a GPU without vLLM.
+"""
+
+import functools
+import os
+from typing import Any, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Below this many tokens bitsandbytes' kernels are faster (one token: its
+# GEMV; see docs/benchmarks.md for the H200 measurements).
+MIN_TRITON_TOKENS = 4
+# Weight rows per program of the dequantization kernel.
+_DEQUANTIZE_ROWS = 16
+
+
+@functools.cache
+def decode_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 float32 code values, indexed by a 4-bit value.
+
+    Taken from bitsandbytes' own `dequantize_4bit` with an absmax of one, so
+    the kernels use the very constants bitsandbytes uses on this device.
+    FP4's negative zero becomes 0.0: bitsandbytes itself decodes it to -0.0
+    or 0.0 depending on the kernel it picks, and a matmul cannot tell.
+    """
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    unit_scale = QuantState(
+        absmax=torch.ones(1, dtype=torch.float32, device=device),
+        shape=(16,),
+        blocksize=64,
+        quant_type=quant_type,
+        dtype=torch.float32,
+    )
+    # Bytes 0x01, 0x23, ..., 0xEF: every 4-bit value once, in order.
+    every_value = torch.tensor(
+        [(2 * i) << 4 | (2 * i + 1) for i in range(8)], dtype=torch.uint8, device=device
+    )
+    codes = dequantize_4bit(every_value.reshape(-1, 1), unit_scale) + 0.0
+    return codes.reshape(16)
+
+
+@triton.jit
+def _decode(packed, absmax, table_ptr, SHAPE: tl.constexpr):
+    """The bfloat16 weights held by `packed` bytes, in column order.
+
+    `packed` has shape SHAPE[:-1] + (SHAPE[-1] // 2,), `absmax` broadcasts
+    to it; the result has SHAPE.
+    """
+    even = _to_bfloat16(tl.load(table_ptr + (packed >> 4).to(tl.int32)) * absmax)
+    odd = _to_bfloat16(tl.load(table_ptr + (packed & 15).to(tl.int32)) * absmax)
+    return tl.reshape(tl.join(even, odd), SHAPE)
+
+
+@triton.jit
+def _to_bfloat16(value):
+    """Round float32 to the nearest bfloat16, ties to even, as torch does.
+
+    Compiled, that is the conversion instruction. The interpreter truncates
+    instead, so there the rounding is spelled out on the bits (exact for
+    finite values, which weights are).
+    """
+    if _INTERPRETED:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return value.to(tl.bfloat16)
+
+
+@triton.jit
+def _dequantize_kernel(
+    weight_ptr,
+    absmax_ptr,
+    table_ptr,
+    out_ptr,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """The bfloat16 weight, decoded as the matmul kernels decode it."""
+    HALF: tl.constexpr = GROUP // 2
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * GROUPS * GROUP
+    groups = tl.arange(0, GROUPS)
+    row_mask = rows < N
+    step_bytes = groups[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    step_columns = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    packed = tl.load(
+        weight_ptr
+        + rows.to(tl.int64)[:, None, None] * (K // 2)
+        + (k // 2 + step_bytes)[None],
+        mask=row_mask[:, None, None],
+        other=0,
+    )
+    absmax = tl.load(
+        absmax_ptr
+        + rows.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+        + ((k + groups * GROUP) // BLOCKSIZE)[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    weights = _decode(packed, absmax[:, :, None], table_ptr, (BLOCK_N, GROUPS, GROUP))
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None, None] * K + (k + step_columns)[None]
+    tl.store(out_ptrs, weights, mask=row_mask[:, None, None])
+
+
+def _largest_step(columns: int, limit: int) -> int:
+    """The largest power of two up to `limit` that divides `columns`."""
+    step = limit
+    while columns % step:
+        step //= 2
+    return step
+
+
+def dequantize(
+    weight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    """The (N, K) bfloat16 weight of packed (N, K/2) bytes and their absmax."""
+    rows, columns = weight.shape[0], 2 * weight.shape[1]
+    out = torch.empty(rows, columns, dtype=torch.bfloat16, device=weight.device)
+    step = _largest_step(columns, 512)
+    group = min(blocksize, step)
+    _dequantize_kernel[(triton.cdiv(rows, _DEQUANTIZE_ROWS), columns // step)](
+        weight,
+        absmax,
+        table,
+        out,
+        rows,
+        columns,
+        BLOCKSIZE=blocksize,
+        BLOCK_N=_DEQUANTIZE_ROWS,
+        GROUP=group,
+        GROUPS=step // group,
+        num_warps=4,
+    )
+    return out
+
+
+class MergedWeight(NamedTuple):
+    """A merged layer's 4-bit storage, prepared once after loading."""
+
+    # (N, K/2) packed bytes of the stacked weight
+    packed: torch.Tensor
+    # bitsandbytes' state of the stacked weight: the shards' absmax
+    # concatenated (float32), shape (N, K)
+    state: Any
+    # `decode_table()` of the state's quant type
+    table: torch.Tensor
+
+
+def matmul(x: torch.Tensor, weight: MergedWeight) -> torch.Tensor:
+    """x (M, K) bfloat16 times the merged weight transposed: (M, N) bfloat16."""
+    if x.shape[0] < MIN_TRITON_TOKENS:
+        from bitsandbytes import matmul_4bit
+
+        return matmul_4bit(x, weight.packed.view(-1, 1).t(), weight.state)
+    state = weight.state
+    decoded = dequantize(weight.packed, state.absmax, weight.table, state.blocksize)
+    return torch.nn.functional.linear(x, decoded)
