@@ -356,6 +356,7 @@ def _side_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "min_load_s": min(times, default=None),
         "load_cpu_s": _median(samples, "load_cpu_s"),
         "peak_rss_mib": _median(samples, "peak_rss_mib"),
+        "rss_after_load_mib": _median(samples, "rss_after_load_mib"),
         "gbs": samples[0]["bytes"] / load_s / GB if samples and load_s else None,
         "samples": len(samples) - len(errors),
         "error": errors[0] if errors else None,
@@ -482,6 +483,7 @@ def table(
         headers += [f"fork/{ref}", "paired"]
     headers += [f"{side} GB/s" for side in SIDES]
     headers += [f"{side} peak RSS MiB" for side in SIDES]
+    headers += [f"{side} RSS after MiB" for side in SIDES]
     lines = [markdown_row(headers), "|---|---|" + "--:|" * (len(headers) - 2)]
     errors = []
     for row in summary["rows"]:
@@ -499,6 +501,7 @@ def table(
             ]
         cells += [_cell(row[side], "gbs", ".2f") for side in SIDES]
         cells += [_cell(row[side], "peak_rss_mib", ".0f") for side in SIDES]
+        cells += [_cell(row[side], "rss_after_load_mib", ".0f") for side in SIDES]
         lines.append(markdown_row(cells))
     geomeans = "; ".join(
         f"fork/{ref}: "

@@ -46,6 +46,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mib() -> float:
+    """The resident set now (``VmRSS``), for the steady state after a load."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def load_once(model: str, quantization: str | None) -> dict[str, Any]:
     """Load ``model`` through vLLM's model loader; time the loader only."""
     from vllm.model_executor.model_loader import get_model_loader
@@ -59,12 +67,15 @@ def load_once(model: str, quantization: str | None) -> dict[str, Any]:
         loaded = loader.load_model(vllm_config=config, model_config=config.model_config)
         wall_s = time.perf_counter() - wall_start
         cpu_s = time.process_time() - cpu_start
+        rss_after = _rss_mib()
     tensors = [*loaded.parameters(), *loaded.buffers()]
     return {
         "load_s": wall_s,
         "load_cpu_s": cpu_s,
         "peak_rss_mib": _peak_rss_mib(),
         "peak_rss_before_load_mib": rss_before,
+        # Steady state: what stays resident once load_model has returned.
+        "rss_after_load_mib": rss_after,
         # Lazy imports inside the timed region (model class, quant method).
         "modules_imported_during_load": len(sys.modules) - modules_before,
         "model_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
