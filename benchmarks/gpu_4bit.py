@@ -72,6 +72,18 @@ def graph_us(fn, *args, repeats=50, replays=10):
     return _median_us(graph.replay, repeats, replays)
 
 
+def replay_equals_eager(fn, x, *args):
+    """Whether `fn(x, *args)` captured in a CUDA graph and replayed on a new
+    x gives what an eager call gives."""
+    fn(x, *args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(x, *args)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    return bool(torch.equal(captured, fn(x, *args)))
+
+
 def eager_us(fn, *args, repeats=30, replays=10):
     """Median microseconds of one eager call `fn(*args)`."""
     for _ in range(3):
@@ -114,7 +126,7 @@ class Layer:
     merged storage the plugin prepares after loading."""
 
     def __init__(self, columns, shard_rows, quant_type="nf4"):
-        from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
         self.shards = [
             torch.randn(rows, columns, dtype=torch.bfloat16, device="cuda") * 0.02
@@ -128,20 +140,8 @@ class Layer:
         self.packed = [data for data, _ in quantized]
         self.states = [flat_state(state) for _, state in quantized]
         self.rows, self.columns = sum(shard_rows), columns
-        absmax = torch.cat([s.absmax for s in self.states])
-        self.merged = kernels.MergedWeight(
-            packed=torch.cat([p.reshape(-1) for p in self.packed]).view(
-                self.rows, columns // 2
-            ),
-            state=QuantState(
-                absmax=absmax,
-                shape=(self.rows, columns),
-                code=self.states[0].code,
-                blocksize=BLOCKSIZE,
-                quant_type=quant_type,
-                dtype=torch.bfloat16,
-            ),
-            table=kernels.decode_table(quant_type, torch.device("cuda")),
+        self.merged = kernels.merge_shards(
+            torch.cat([p.reshape(-1) for p in self.packed]), self.states
         )
         self.dequantized = torch.cat(
             [
@@ -150,7 +150,9 @@ class Layer:
             ]
         )
         self.limit_us = (
-            (self.merged.packed.numel() + 4 * absmax.numel()) / HBM_BYTES_PER_S * 1e6
+            (self.merged.packed.numel() + 4 * self.merged.state.absmax.numel())
+            / HBM_BYTES_PER_S
+            * 1e6
         )
 
     def plugin(self, x):
@@ -325,6 +327,9 @@ def measure_int8(layers, batches):
                 try:
                     row[f"int8_t{threshold:g}_graph_us"] = graph_us(
                         int8, x, weight, state
+                    )
+                    row[f"int8_t{threshold:g}_replay_equals_eager"] = (
+                        replay_equals_eager(int8, x.clone(), weight, state)
                     )
                 except Exception as err:
                     row[f"int8_t{threshold:g}_graph_us"] = (

@@ -206,11 +206,19 @@ def test_weight_byte_size_is_what_bitsandbytes_stores():
     ("checkpoint", "eager_after"),
     [
         ({"quant_method": "bitsandbytes", "load_in_8bit": True}, True),
+        (
+            {
+                "quant_method": "bitsandbytes",
+                "load_in_8bit": True,
+                "llm_int8_threshold": 0.0,
+            },
+            False,
+        ),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, False),
         (None, False),
     ],
 )
-def test_8bit_checkpoints_run_eagerly(checkpoint, eager_after):
+def test_8bit_checkpoints_with_outlier_threshold_run_eagerly(checkpoint, eager_after):
     config = model_config(checkpoint)
     BitsAndBytesConfig.verify_model_config(config)
     assert config.enforce_eager is eager_after

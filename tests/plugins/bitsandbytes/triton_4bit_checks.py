@@ -37,8 +37,8 @@ class MergedLayer:
 
     Each shard (q, k, v or gate, up) is quantized on its own, as transformers
     does, and its double-quantized absmax expanded to float32 as the plugin
-    keeps it; the shards' packed bytes and absmax, concatenated in order, are
-    the merged storage.
+    keeps it; `merge_shards` makes one matrix of them, as the plugin does
+    after loading.
     """
 
     def __init__(self, shard_rows, columns, quant_type, double_quant, blocksize):
@@ -67,20 +67,9 @@ class MergedLayer:
             self.shards.append((data, state))
         # What bitsandbytes multiplies by: its dequantization of every shard.
         self.reference = torch.cat(weights)
-        rows, columns = self.reference.shape
-        self.merged = kernels.MergedWeight(
-            packed=torch.cat([data.reshape(-1) for data, _ in self.shards]).view(
-                rows, columns // 2
-            ),
-            state=QuantState(
-                absmax=torch.cat([state.absmax for _, state in self.shards]),
-                shape=(rows, columns),
-                code=self.shards[0][1].code,
-                blocksize=blocksize,
-                quant_type=quant_type,
-                dtype=torch.bfloat16,
-            ),
-            table=kernels.decode_table(quant_type, DEVICE),
+        self.merged = kernels.merge_shards(
+            torch.cat([data.reshape(-1) for data, _ in self.shards]),
+            [state for _, state in self.shards],
         )
 
     def dequantize(self):
@@ -129,6 +118,18 @@ def random_input(tokens, columns, seed):
     return torch.randn(tokens, columns, generator=generator).to(DEVICE, torch.bfloat16)
 
 
+def test_shards_that_are_not_one_matrix_are_not_merged():
+    data, state = quantize_4bit(
+        torch.randn(8, 96, device=DEVICE).to(torch.bfloat16), blocksize=64
+    )
+    # 96 columns: blocks of 64 straddle rows.
+    assert kernels.merge_shards(data.reshape(-1), [state]) is None
+    nested = quantize_4bit(
+        torch.randn(8, 128, device=DEVICE), blocksize=64, compress_statistics=True
+    )
+    assert kernels.merge_shards(nested[0].reshape(-1), [nested[1]]) is None
+
+
 def test_dequantized_weights_equal_bitsandbytes(layers):
     for layer in layers:
         # torch.equal: every value identical (FP4's -0.0 equals 0.0, see
@@ -164,6 +165,20 @@ def test_matmul_multiplies_by_the_exact_weights(layers):
         x[torch.arange(tokens, device=DEVICE), picked] = 1
         out = kernels.matmul(x, layer.merged)
         assert torch.equal(out, layer.reference[:, picked].T)
+
+
+@pytest.mark.parametrize("tokens", [1, kernels.MIN_TRITON_TOKENS])
+def test_matmul_writes_all_of_out(layers, tokens):
+    layer = layers[0]
+    x = random_input(tokens, layer.reference.shape[1], seed=5)
+    out = torch.full(
+        (tokens, layer.reference.shape[0]),
+        torch.nan,
+        dtype=torch.bfloat16,
+        device=DEVICE,
+    )
+    assert kernels.matmul(x, layer.merged, out=out) is out
+    assert torch.equal(out, kernels.matmul(x, layer.merged))
 
 
 @pytest.mark.parametrize("tokens", range(1, kernels.MIN_TRITON_TOKENS))

@@ -215,10 +215,14 @@ class BitsAndBytesConfig(QuantizationConfig):
 
     @classmethod
     def verify_model_config(cls, model_config: "ModelConfig") -> None:
-        """Check library and checkpoint early; keep 8-bit out of CUDA graphs.
+        """Check library and checkpoint early; keep LLM.int8() with outlier
+        decomposition out of CUDA graphs.
 
-        bitsandbytes' LLM.int8() matmul keeps per-call state that CUDA graph
-        capture cannot replay, so 8-bit models always run eagerly.
+        With `llm_int8_threshold` > 0 bitsandbytes splits off the outlier
+        columns of every input, whose number depends on the data, so CUDA
+        graph capture fails and those models run eagerly. At threshold 0 the
+        int8 matmul has fixed shapes and is captured (measured on an H200:
+        docs/benchmarks.md).
         """
         require_bitsandbytes()
         checkpoint_config = checkpoint_quantization_config(model_config)
@@ -235,10 +239,15 @@ class BitsAndBytesConfig(QuantizationConfig):
             return
         # Validates the settings before any worker starts.
         config = cls.from_config(settings)
-        if config.load_in_8bit and not model_config.enforce_eager:
+        if (
+            config.load_in_8bit
+            and config.llm_int8_threshold > 0
+            and not model_config.enforce_eager
+        ):
             logger.warning(
-                "bitsandbytes 8-bit models cannot run under CUDA graphs; "
-                "falling back to eager mode."
+                "bitsandbytes 8-bit models with llm_int8_threshold > 0 cannot "
+                "run under CUDA graphs; falling back to eager mode "
+                "(llm_int8_threshold=0 keeps them)."
             )
             model_config.enforce_eager = True
 

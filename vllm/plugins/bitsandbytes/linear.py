@@ -5,8 +5,9 @@
 Weights are stored exactly as bitsandbytes produces them so pre-quantized
 checkpoints load by plain copy. The model loader attaches to every weight
 `bnb_quant_state` (logical shard index -> bitsandbytes state) and
-`bnb_shard_offsets` (where each shard starts in the storage); a merged layer
-runs one bitsandbytes matmul per shard.
+`bnb_shard_offsets` (where each shard starts in the storage). On CUDA a
+merged 4-bit layer is prepared after loading to run as one matrix
+(`triton_4bit`); elsewhere it runs one bitsandbytes matmul per shard.
 """
 
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
 from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
 from vllm.utils.torch_utils import direct_register_custom_op
@@ -59,13 +61,21 @@ def packed_4bit_size(num_values: int) -> int:
 
 
 def _matmul_4bit_shards(x: Tensor, weight: Tensor, starts: Tensor, out: Tensor) -> None:
-    """Multiply by each shard of a packed weight into its columns of `out`.
+    """Multiply by a packed weight into `out`: as one matrix where it was
+    merged after loading, else each shard into its columns.
 
     `starts` is the weight's `bnb_shard_offsets`, passed explicitly because a
     custom op's schema only describes its tensor arguments. Writing through
     slices (not `matmul_4bit(out=...)`) avoids
     https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1235.
     """
+    merged = weight.bnb_merged
+    if merged is not None:
+        from vllm.plugins.bitsandbytes import triton_4bit
+
+        triton_4bit.matmul(x, merged, out=out)
+        return
+
     from bitsandbytes import matmul_4bit
 
     quant_states = weight.bnb_quant_state
@@ -153,6 +163,25 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
         )
         return weight
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Work out once what every forward needs: the output width and, for
+        4-bit weights on CUDA, the merged storage (`triton_4bit`)."""
+        weight = layer.weight
+        states = [weight.bnb_quant_state[i] for i in range(len(weight.bnb_quant_state))]
+        weight.bnb_output_rows = sum(state.shape[0] for state in states)
+        if self.quant_config.load_in_8bit:
+            return
+        weight.bnb_merged = None
+        if current_platform.is_cuda():
+            from vllm.plugins.bitsandbytes import triton_4bit
+
+            weight.bnb_merged = triton_4bit.merge_shards(weight.data, states)
+            if weight.bnb_merged is None:
+                logger.debug_once(
+                    "A bitsandbytes layer's shards differ in quantization or "
+                    "have blocks straddling rows; it runs one matmul per shard."
+                )
+
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
         input_dtype = x.dtype
         # vLLM passes one row per token; flatten only other callers' batches,
@@ -161,7 +190,7 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
         x_2d = x if leading_shape is None else x.reshape(-1, x.shape[-1])
         x_2d = x_2d.to(COMPUTE_DTYPE)
         weight = layer.weight
-        rows = sum(state.shape[0] for state in weight.bnb_quant_state.values())
+        rows = weight.bnb_output_rows
         if self.quant_config.load_in_8bit:
             out = self._matmul_int8(weight, x_2d, rows)
         else:

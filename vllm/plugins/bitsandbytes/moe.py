@@ -124,15 +124,37 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         w13, w2 = self._dequantized_experts(layer)
         return run_experts(layer, x, w13, w2, topk_weights, topk_ids)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """On CUDA, let the plugin's Triton kernel decode bfloat16 experts."""
+        for weight in (layer.w13_weight, layer.w2_weight):
+            weight.bnb_merged = None
+            state = weight.bnb_quant_state
+            if current_platform.is_cuda() and state.dtype == torch.bfloat16:
+                from vllm.plugins.bitsandbytes import triton_4bit
+
+                weight.bnb_merged = triton_4bit.merge_shards(
+                    weight.data.reshape(-1), [state]
+                )
+
     @staticmethod
     def _dequantized_experts(layer: nn.Module) -> tuple[Tensor, Tensor]:
         """`w13` and `w2` of all experts, each dequantized with one call."""
+        return _dequantize(layer.w13_weight), _dequantize(layer.w2_weight)
+
+
+def _dequantize(weight: nn.Parameter) -> Tensor:
+    """All experts of a fused weight, by the Triton kernel where it was
+    prepared for it, else by bitsandbytes."""
+    merged = weight.bnb_merged
+    if merged is None:
         from bitsandbytes.functional import dequantize_4bit
 
-        w13, w2 = (
-            dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state).reshape(
-                weight.experts_shape
-            )
-            for weight in (layer.w13_weight, layer.w2_weight)
+        flat = dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state)
+    else:
+        from vllm.plugins.bitsandbytes import triton_4bit
+
+        state = merged.state
+        flat = triton_4bit.dequantize(
+            merged.packed, state.absmax, merged.table, state.blocksize
         )
-        return w13, w2
+    return flat.reshape(weight.experts_shape)

@@ -164,19 +164,61 @@ class MergedWeight(NamedTuple):
 
     # (N, K/2) packed bytes of the stacked weight
     packed: torch.Tensor
-    # bitsandbytes' state of the stacked weight: the shards' absmax
-    # concatenated (float32), shape (N, K)
+    # bitsandbytes' state of the stacked (N, K) weight, float32 absmax
     state: Any
     # `decode_table()` of the state's quant type
     table: torch.Tensor
 
 
-def matmul(x: torch.Tensor, weight: MergedWeight) -> torch.Tensor:
-    """x (M, K) bfloat16 times the merged weight transposed: (M, N) bfloat16."""
+def merge_shards(packed: torch.Tensor, states: list[Any]) -> MergedWeight | None:
+    """The storage of shards stored back to back in `packed`, as one matrix.
+
+    The shards' float32 absmax are concatenated once and each state keeps a
+    view of its part, so memory does not grow. None when the shards cannot
+    form one matrix: different quant types or block sizes, double-quantized
+    absmax, or blocks that straddle rows.
+    """
+    from bitsandbytes.functional import QuantState
+
+    first = states[0]
+    rows = sum(state.shape[0] for state in states)
+    columns = first.shape[1]
+    if columns % first.blocksize or any(
+        state.nested
+        or state.quant_type != first.quant_type
+        or state.blocksize != first.blocksize
+        or state.shape[1] != columns
+        for state in states
+    ):
+        return None
+    absmax = torch.cat([state.absmax for state in states])
+    parts = absmax.split([state.absmax.numel() for state in states])
+    for state, part in zip(states, parts, strict=True):
+        state.absmax = part
+    return MergedWeight(
+        packed=packed.view(rows, columns // 2),
+        state=QuantState(
+            absmax=absmax,
+            shape=torch.Size((rows, columns)),
+            code=first.code,
+            blocksize=first.blocksize,
+            quant_type=first.quant_type,
+            dtype=first.dtype,
+        ),
+        table=decode_table(first.quant_type, packed.device),
+    )
+
+
+def matmul(
+    x: torch.Tensor, weight: MergedWeight, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (M, K) bfloat16 times the merged weight transposed, into `out` (M, N)
+    bfloat16 if given."""
     if x.shape[0] < MIN_TRITON_TOKENS:
         from bitsandbytes import matmul_4bit
 
-        return matmul_4bit(x, weight.packed.view(-1, 1).t(), weight.state)
+        product = matmul_4bit(x, weight.packed.view(-1, 1).t(), weight.state)
+        return product if out is None else out.copy_(product)
     state = weight.state
     decoded = dequantize(weight.packed, state.absmax, weight.table, state.blocksize)
-    return torch.nn.functional.linear(x, decoded)
+    return torch.matmul(x, decoded.t(), out=out)
