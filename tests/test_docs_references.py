@@ -36,8 +36,6 @@ IDENTIFIER = re.compile(r"`([A-Za-z_][\w.]*)(?:\([^`]*\))?`")
 # Documentation still to be corrected by its owner; strict, so that the mark
 # goes once the document is fixed.
 PENDING = {
-    ("patches", "benchmarks.md"): "names patch 0003 for patch 0005's loader",
-    ("functions", "benchmarks.md"): "names properties and a lookup that are gone",
 }
 # Upstream's files named by their package path that the installed CPU fork
 # lacks: the CUDA wheel's own directory.
