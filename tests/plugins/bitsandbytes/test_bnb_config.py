@@ -206,14 +206,6 @@ def test_weight_byte_size_is_what_bitsandbytes_stores():
     ("checkpoint", "eager_after"),
     [
         ({"quant_method": "bitsandbytes", "load_in_8bit": True}, True),
-        (
-            {
-                "quant_method": "bitsandbytes",
-                "load_in_8bit": True,
-                "llm_int8_threshold": 0.0,
-            },
-            False,
-        ),
         ({"quant_method": "bitsandbytes", "load_in_4bit": True}, False),
         (None, False),
     ],
