@@ -126,7 +126,7 @@ def test_a_stale_feature_patch_is_named(tmp_path: Path):
 def test_fork_headers_are_dropped_from_upstream_mails():
     mail = (
         "Subject: [PATCH] [Core] Do it\n\nWhy it matters.\n\n"
-        "Forwarded: not-yet\nOrigin: vllm-hooks fork; verified by\n tests/x.py\n"
+        "Forwarded: no\nOrigin: vllm-hooks fork; verified by\n tests/x.py\n"
         "---\n a.py | 1 +\n"
     )
     assert without_fork_headers(mail) == (
