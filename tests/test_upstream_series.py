@@ -16,7 +16,7 @@ def test_exported_series_apply_import_and_pass_their_tests(tmp_path: Path):
     out = tmp_path / "series"
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "fork.py"), "check-upstream",
-         "--out", str(out)],
+         "--out", str(out), "--sign-off", "Test Submitter <submitter@example.com>"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]

@@ -80,6 +80,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BUILD / "upstream-series")
     parser.add_argument("--venv", type=Path, default=REPO / ".venv")
     parser.add_argument("--to-version", help="rebase: the new upstream release")
+    parser.add_argument(
+        "--sign-off",
+        help="export-upstream, check-upstream: 'Name <email>' to sign off every "
+        "commit with (default: git config user.name and user.email)",
+    )
     for flavor, pin in CONFIG["base"].items():
         parser.add_argument(
             f"--{flavor}-sha256",
@@ -114,10 +119,14 @@ def main() -> None:
     elif args.command == "install":
         wheel.install(base, args.venv)
     elif args.command == "export-upstream":
-        exported = upstream.export_upstream(base, args.out)
+        exported = upstream.export_upstream(
+            base, args.out, upstream.submitter(args.sign_off)
+        )
         print(upstream.summary(exported), end="")
     elif args.command == "check-upstream":
-        exported = upstream.check_upstream(base, args.out)
+        exported = upstream.check_upstream(
+            base, args.out, upstream.submitter(args.sign_off)
+        )
         print(upstream.summary(exported), end="")
     elif args.command == "features-checkout":
         prs = upstream.pull_requests()

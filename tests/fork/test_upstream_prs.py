@@ -20,10 +20,13 @@ from forklib.upstream import (
     own_files,
     own_tree_files,
     pull_requests,
+    submitter,
     tree_path,
     without_fork_headers,
 )
 
+# Whoever exports signs off; the tests export as this stand-in.
+SUBMITTER = "Test Submitter <submitter@example.com>"
 SERIES = parse_series((PATCHES / "series").read_text())
 REPO = PATCHES.parent
 
@@ -137,6 +140,29 @@ def test_fork_headers_are_dropped_from_upstream_mails():
     assert without_fork_headers(kept) == kept
 
 
+def test_the_submitter_signs_off_never_the_tools(tmp_path, monkeypatch):
+    """An explicit identity is used as given and a malformed one refused; with
+    none, a repository without a git identity refuses to export."""
+    assert submitter("Ada Lovelace <ada@example.com>") == (
+        "Ada Lovelace <ada@example.com>"
+    )
+    with pytest.raises(SystemExit, match="must read 'Name <email>'"):
+        submitter("ada@example.com")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    empty = tmp_path / "gitconfig"
+    empty.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    with pytest.raises(SystemExit, match="signed off by their submitter"):
+        submitter(None, repo)
+    subprocess.run(["git", "-C", str(repo), "config", "user.name", "Ada"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "config", "user.email", "ada@example.com"], check=True
+    )
+    assert submitter(None, repo) == "Ada <ada@example.com>"
+
+
 def test_upstream_directory_maps_to_vllms_tree():
     assert tree_path("upstream/tests/quantization/t.py") == "tests/quantization/t.py"
     assert tree_path("vllm/plugins/bitsandbytes") == "vllm/plugins/bitsandbytes"
@@ -145,7 +171,7 @@ def test_upstream_directory_maps_to_vllms_tree():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("upstream-series")
-    return out, export_upstream(Base.load("cpu"), out)
+    return out, export_upstream(Base.load("cpu"), out, SUBMITTER)
 
 
 def test_one_directory_per_pr_in_order(exported):
@@ -164,7 +190,7 @@ def test_every_commit_is_signed_off_and_titled_like_vllm(exported):
         for patch in s.patches:
             message = patch.read_text().partition("\n---\n")[0]
             assert re.search(r"^Subject: \[PATCH( \d+/\d+)?\] \[[A-Z]", message, re.M)
-            trailer = "Signed-off-by: vllm-fork-tools <vllm-fork-tools@localhost>"
+            trailer = f"Signed-off-by: {SUBMITTER}"
             assert message.rstrip().endswith(trailer), patch
             assert not re.search(r"^(Forwarded|Origin): ", message, re.M), patch
 

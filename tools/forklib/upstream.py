@@ -137,11 +137,35 @@ def fork_only(config: dict[str, Any] = CONFIG) -> list[str]:
     return list(config["upstream"].get("fork_only", []))
 
 
-def signer(config: dict[str, Any] = CONFIG) -> tuple[str, ...]:
-    """git settings committing and signing off as `[upstream] sign_off`."""
-    name, email = parseaddr(config["upstream"]["sign_off"])
+def submitter(sign_off: str | None, repository: Path = REPO) -> str:
+    """Who signs off the exported commits: `sign_off` ('Name <email>'), else
+    `repository`'s git identity. The sign-off certifies the DCO for the
+    person who submits the PRs, so the tools never make one up."""
+    if sign_off is None:
+        name, email = (
+            subprocess.run(
+                ["git", "-C", str(repository), "config", key],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            for key in ("user.name", "user.email")
+        )
+        if not name or not email:
+            raise SystemExit(
+                "The upstream series are signed off by their submitter: pass "
+                "--sign-off 'Name <email>' or set git config user.name and "
+                "user.email."
+            )
+        sign_off = f"{name} <{email}>"
+    name, email = parseaddr(sign_off)
     if not name or "@" not in email:
-        raise SystemExit("[upstream] sign_off must read 'Name <email>'")
+        raise SystemExit(f"--sign-off must read 'Name <email>', not {sign_off!r}.")
+    return f"{name} <{email}>"
+
+
+def signer(sign_off: str) -> tuple[str, ...]:
+    """git settings committing and signing off as `sign_off`."""
+    name, email = parseaddr(sign_off)
     return (f"user.name={name}", f"user.email={email}", "commit.gpgsign=false")
 
 
@@ -248,15 +272,16 @@ def without_fork_headers(patch: str) -> str:
     return message + separator + diff
 
 
-def export_upstream(base: Base, destination: Path) -> list[Series]:
-    """Write every PR's series into `destination`/NN-name/, with PR.md."""
+def export_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]:
+    """Write every PR's series into `destination`/NN-name/, with PR.md, each
+    commit signed off by `sign_off` (see `submitter`)."""
     with tempfile.TemporaryDirectory(prefix="fork-upstream-") as scratch:
-        exported = _export(base, Path(scratch) / "tree", destination)
+        exported = _export(base, Path(scratch) / "tree", destination, sign_off)
     write_descriptions(exported, destination)
     return exported
 
 
-def _export(base: Base, tree: Path, destination: Path) -> list[Series]:
+def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Series]:
     """`export_upstream` built in `tree`, which is left holding the result of
     all series: the snapshot the patches were made from (the fork's own files
     may be edited while a check runs)."""
@@ -274,7 +299,7 @@ def _export(base: Base, tree: Path, destination: Path) -> list[Series]:
     features.copy_own_files(files, before_features)
     features.remove_features(before_features, feature_patches(prs))
     pristine_repository(base, tree)
-    repo = git.Repo(tree, signer())
+    repo = git.Repo(tree, signer(sign_off))
     shutil.rmtree(destination, ignore_errors=True)
     exported = []
     for index, pr in enumerate(prs, start=1):
@@ -415,7 +440,7 @@ def run_pytest(tests: list[str], env: dict[str, str], cwd: Path, *options: str) 
     return f"{outcome} ({time.perf_counter() - started:.0f} s wall)"
 
 
-def check_upstream(base: Base, destination: Path) -> list[Series]:
+def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]:
     """Apply every series to pristine sources commit by commit, and test it.
 
     After each commit, `import vllm` and every module of vllm/ it touched must
@@ -427,9 +452,9 @@ def check_upstream(base: Base, destination: Path) -> list[Series]:
     """
     with tempfile.TemporaryDirectory(prefix="fork-bisect-") as scratch:
         snapshot = Path(scratch) / "export"
-        exported = _export(base, snapshot, destination)
+        exported = _export(base, snapshot, destination, sign_off)
         pristine_repository(base, Path(scratch) / "upstream")
-        repo = git.Repo(Path(scratch) / "upstream", signer())
+        repo = git.Repo(Path(scratch) / "upstream", signer(sign_off))
         tree = repo.path
         env = {
             **os.environ,
