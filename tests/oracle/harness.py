@@ -449,11 +449,20 @@ def _compare_maps(label: str, ref: dict, cand: dict) -> list[str]:
     return diffs
 
 
-def compare(reference: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
+def compare(
+    reference: dict[str, Any],
+    candidate: dict[str, Any],
+    *,
+    stages: tuple[str, ...] = ("loaded", "final"),
+    generation: bool = True,
+) -> list[str]:
     """Human-readable differences between two results; [] means identical.
 
     Equality is exact: the same math on the same inputs gives the same bits,
-    so any digest or logprob difference is a behavioural change.
+    so any digest or logprob difference is a behavioural change. `stages`
+    (the parameters as loaded, and as the engine keeps them after
+    `process_weights_after_loading`) and `generation` select what is
+    compared besides the outcome.
     """
     if reference["status"] != "ok" or candidate["status"] != "ok":
         if reference["status"] == candidate["status"]:
@@ -472,7 +481,7 @@ def compare(reference: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
         diffs.append(f"TP ranks: {len(ref_ranks)} != {len(cand_ranks)}")
     for ref_rank, cand_rank in zip(ref_ranks, cand_ranks, strict=False):
         rank = ref_rank["rank"]
-        for stage in ("loaded", "final"):
+        for stage in stages:
             for kind in ref_rank[stage]:
                 diffs += _compare_maps(
                     f"rank {rank} {stage} {kind}",
@@ -480,6 +489,8 @@ def compare(reference: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
                     cand_rank[stage].get(kind, {}),
                 )
 
+    if not generation:
+        return diffs
     for i, (ref, cand) in enumerate(
         zip(reference["generation"], candidate["generation"], strict=False)
     ):

@@ -400,11 +400,27 @@ def test_skip_setting_leaves_its_layers_unquantized(engine_runs: Path) -> None:
         assert "UnquantizedLinearMethod" in expected.values()
 
 
+# Below this logprob lead the greedy choice is a near tie, which the
+# unquantized CPU linear (oneDNN) and the toy's matmul, rounding the same
+# products in another order, may break differently on some CPUs.
+NEAR_TIE = 1e-3
+
+
 def test_tokens_equal_dequantized_reference(engine_runs: Path) -> None:
-    """At TP=2, toy_int8 computes with exactly the dequantized weights."""
-    assert tokens(engine_runs, "llama-tp2") == tokens(
-        engine_runs, "llama-dequantized-tp2"
-    )
+    """At TP=2, toy_int8 computes with exactly the dequantized weights: the
+    same greedy tokens, up to the first step of a prompt where the reference
+    chose by a near tie."""
+    toy = tokens(engine_runs, "llama-tp2")
+    reference = tokens(engine_runs, "llama-dequantized-tp2")
+    margins = result(engine_runs, "llama-dequantized-tp2")["margins"]
+    for toy_ids, reference_ids, leads in zip(toy, reference, margins, strict=True):
+        assert leads[0] >= NEAR_TIE, "a prompt starts at a near tie: change it"
+        for toy_id, reference_id, lead in zip(
+            toy_ids, reference_ids, leads, strict=True
+        ):
+            if lead < NEAR_TIE:
+                break
+            assert toy_id == reference_id
 
 
 def test_tp2_starts_like_tp1(engine_runs: Path) -> None:

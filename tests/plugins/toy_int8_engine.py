@@ -82,17 +82,29 @@ def run_case(case: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             for rank in ranks:
                 rank_file = f"{case['name']}-rank{rank['rank']}.safetensors"
                 save_file(rank.pop("int8_params"), out_dir / rank_file)
+            outputs = engine.generate_greedy(
+                case["prompts"], case["max_tokens"], logprobs=2
+            )
             return {
                 "status": "ok",
-                "token_ids": engine.greedy_token_ids(
-                    case["prompts"], case["max_tokens"]
-                ),
+                "token_ids": [list(out.outputs[0].token_ids) for out in outputs],
+                # Per step, how far the chosen token led the runner-up.
+                "margins": [
+                    [_margin(step) for step in out.outputs[0].logprobs]
+                    for out in outputs
+                ],
                 "ranks": ranks,
                 "weight_byte_size": metrics_weight_byte_size(engine.vllm_config),
             }
     except Exception as exc:
         traceback.print_exc()
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _margin(step: dict[int, Any]) -> float:
+    """Logprob of the best token minus that of the second best."""
+    best, second = sorted((lp.logprob for lp in step.values()), reverse=True)[:2]
+    return best - second
 
 
 def main(argv: list[str]) -> int:
