@@ -8,11 +8,12 @@ The weights stay as bitsandbytes stores them: row-major, two values per byte
 concatenated, are then the storage of the stacked matrix, so one call covers
 the layer instead of one per shard.
 
-One token runs bitsandbytes' own GEMV, which is the fastest kernel here for
-it. From `MIN_TRITON_TOKENS` tokens on, a Triton kernel decodes the whole
-layer once and cuBLAS multiplies, as vLLM's AWQ path does for large batches;
-the decoded weights equal `bitsandbytes.functional.dequantize_4bit`'s bit for
-bit (code value times block absmax in float32, rounded to bfloat16).
+Below `MIN_TRITON_TOKENS` tokens bitsandbytes' own `matmul_4bit` runs, once
+for the whole layer (its GEMV for one token, the fastest kernel here for
+it). From there on a Triton kernel decodes the whole layer once and cuBLAS
+multiplies, as vLLM's AWQ path does for large batches; the decoded weights
+equal `bitsandbytes.functional.dequantize_4bit`'s bit for bit (code value
+times block absmax in float32, rounded to bfloat16).
 
 The module imports only torch, triton and bitsandbytes, so it is checked on
 a CPU under `TRITON_INTERPRET=1` and timed on a GPU without vLLM.
@@ -100,7 +101,11 @@ def _dequantize_kernel(
     GROUP: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    """The bfloat16 weight, decoded as the matmul kernels decode it."""
+    """BLOCK_N rows and GROUPS groups of GROUP columns of the bfloat16 weight.
+
+    A group lies inside one absmax block, so each decoded value needs one
+    broadcast absmax.
+    """
     HALF: tl.constexpr = GROUP // 2
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * GROUPS * GROUP
