@@ -28,11 +28,6 @@ the released base wheel pinned (name and sha256) in `tools/fork.toml`:
     check-upstream   apply those series to pristine sources commit by commit,
                  importing after each commit and testing and linting after each
                  series; writes them with the measured results
-    features-checkout  build/features: a git repository of the plugin as the
-                 upstream series add it (tag `plugin`), then one commit per
-                 feature patch of patches/features/
-    features-export  write `plugin..HEAD` of that repository back to
-                 patches/features/, and its files to vllm/ and upstream/
     rebase       pin a new upstream release (--to-version) in tools/fork.toml
                  and replay the series onto it in the tree
 
@@ -46,7 +41,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from forklib import features, lint, rebase, series, upstream, wheel
+from forklib import lint, rebase, series, upstream, wheel
 from forklib.base import (
     BUILD,
     CONFIG,
@@ -60,8 +55,7 @@ from forklib.base import (
 
 COMMANDS = [
     "fetch", "pristine", "oracles", "materialize", "export", "check", "lint", "build",
-    "check-wheel", "install", "export-upstream", "check-upstream",
-    "features-checkout", "features-export", "rebase",
+    "check-wheel", "install", "export-upstream", "check-upstream", "rebase",
 ]  # fmt: skip
 
 
@@ -72,10 +66,7 @@ def main() -> None:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--flavor", choices=sorted(CONFIG["base"]), default="cpu")
     parser.add_argument(
-        "--tree",
-        type=Path,
-        help="default: build/tree, build/tree-<flavor>; build/features for "
-        "features-checkout and features-export",
+        "--tree", type=Path, help="default: build/tree, build/tree-<flavor>"
     )
     parser.add_argument("--out", type=Path, default=BUILD / "upstream-series")
     parser.add_argument("--venv", type=Path, default=REPO / ".venv")
@@ -94,7 +85,6 @@ def main() -> None:
     args = parser.parse_args()
     base = Base.load(args.flavor)
     tree = args.tree or base.tree
-    features_tree = args.tree or BUILD / "features"
     if args.command == "fetch":
         print(fetch(base))
     elif args.command == "pristine":
@@ -128,19 +118,6 @@ def main() -> None:
             base, args.out, upstream.submitter(args.sign_off)
         )
         print(upstream.summary(exported), end="")
-    elif args.command == "features-checkout":
-        prs = upstream.pull_requests()
-        features.checkout(
-            upstream.own_tree_files(), upstream.feature_patches(prs), features_tree
-        )
-    elif args.command == "features-export":
-        names = features.export(
-            features_tree,
-            upstream.own_tree_files(),
-            [path.name for path in upstream.feature_patches(upstream.pull_requests())],
-            upstream.repository_path,
-        )
-        log(f"exported {len(names)} feature patches to patches/features/")
     elif args.command == "rebase":
         if not args.to_version:
             parser.error("rebase needs --to-version")

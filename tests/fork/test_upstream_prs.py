@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from forklib import features
 from forklib.base import Base
 from forklib.series import PATCHES, parse_series
 from forklib.upstream import (
@@ -15,7 +14,6 @@ from forklib.upstream import (
     PullRequest,
     cut_problems,
     export_upstream,
-    feature_patches,
     fork_only,
     own_files,
     own_tree_files,
@@ -31,16 +29,9 @@ SERIES = parse_series((PATCHES / "series").read_text())
 REPO = PATCHES.parent
 
 
-def pr(
-    name: str,
-    patches: tuple[str, ...] = (),
-    paths: tuple[str, ...] = (),
-    feature_names: tuple[str, ...] = (),
-):
+def pr(name: str, patches: tuple[str, ...] = (), paths: tuple[str, ...] = ()):
     commits = (Commit("[Test] Add", "Why.", paths),) if paths else ()
-    return PullRequest(
-        name, f"[Test] {name}", patches, commits, "p", "t", features=feature_names
-    )
+    return PullRequest(name, f"[Test] {name}", patches, commits, "p", "t")
 
 
 def test_the_cut_places_every_patch_and_file_exactly_once():
@@ -57,11 +48,7 @@ def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
     ]
     files = own_files(tmp_path)
     assert files == {"vllm/pkg/a.py", "vllm/pkg/b.py", "upstream/tests/test_x.py"}
-    no_features = tmp_path / "features"
-    no_features.mkdir()
-    problems = cut_problems(
-        prs, ["1.patch", "2.patch", "3.patch"], [], files, tmp_path, no_features
-    )
+    problems = cut_problems(prs, ["1.patch", "2.patch", "3.patch"], [], files, tmp_path)
     assert problems == [
         "2.patch is placed 2 times (PRs and fork_only)",
         "3.patch is placed 0 times (PRs and fork_only)",
@@ -71,59 +58,6 @@ def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
         "upstream/tests/test_x.py is added by 0 commits of [[upstream.pr]]",
         "vllm/pkg/a.py is added by 2 commits of [[upstream.pr]]",
     ]
-
-
-def test_cut_problems_name_misplaced_feature_patches(tmp_path: Path):
-    stored = tmp_path / "features"
-    stored.mkdir()
-    for name in ("kept.patch", "twice.patch", "unlisted.patch"):
-        (stored / name).write_text("")
-    prs = [
-        pr("one", feature_names=("kept.patch", "twice.patch")),
-        pr("two", feature_names=("twice.patch", "gone.patch")),
-    ]
-    problems = cut_problems(prs, [], [], set(), tmp_path, stored)
-    assert problems == [
-        "patches/features/gone.patch is stored 0 and listed 1 times in [[upstream.pr]]",
-        "patches/features/twice.patch is stored 1 and listed 2 times in "
-        "[[upstream.pr]]",
-        "patches/features/unlisted.patch is stored 1 and listed 0 times in "
-        "[[upstream.pr]]",
-    ]
-
-
-def test_features_checkout_rebuilds_the_fork_from_the_plugin(tmp_path: Path):
-    """The plugin PR's files plus one commit per feature are the fork's."""
-    patches = feature_patches(pull_requests())
-    assert patches, "no feature series"
-    tree = tmp_path / "features"
-    repo = features.checkout(own_tree_files(), patches, tree)
-    subjects = repo.output("log", "--format=%s", f"{features.PLUGIN_TAG}..HEAD")
-    assert len(subjects.splitlines()) == len(patches)
-    for path in repo.output("diff", "--name-only", features.PLUGIN_TAG).split():
-        fork_file = REPO / own_tree_files()[path]
-        assert (tree / path).read_bytes() == fork_file.read_bytes()
-    plugin_files = repo.output("ls-tree", "-r", "--name-only", features.PLUGIN_TAG)
-    assert "vllm/plugins/bitsandbytes/quantize.py" not in plugin_files.split()
-    assert (tree / "vllm/plugins/bitsandbytes/quantize.py").exists()
-
-
-def test_a_stale_feature_patch_is_named(tmp_path: Path):
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "a.txt").write_text("one\ntwo\n")
-    subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
-    subprocess.run(["git", "add", "a.txt"], cwd=tree, check=True)
-    (tree / "a.txt").write_text("one\nthree\n")
-    patch = tmp_path / "stale.patch"
-    patch.write_text(
-        subprocess.run(
-            ["git", "diff"], cwd=tree, capture_output=True, text=True, check=True
-        ).stdout
-    )
-    (tree / "a.txt").write_text("one\nfour\n")
-    with pytest.raises(SystemExit, match="patches/features/stale.patch no longer"):
-        features.remove_features(tree, [patch])
 
 
 def test_fork_headers_are_dropped_from_upstream_mails():
@@ -224,3 +158,17 @@ def test_tests_and_docs_are_added_at_vllms_paths(exported):
     }
     expected = {tree_path(path) for path in own_files()}
     assert added == expected
+
+
+def test_the_series_add_the_forks_own_files_as_they_are(exported, tmp_path: Path):
+    """The plugin and the tests and docs reach vLLM's tree byte for byte as
+    this repository has them."""
+    _, series = exported
+    files = own_tree_files()
+    includes = [f"--include={path}" for path in files]
+    for patch in (patch for s in series for patch in s.patches):
+        subprocess.run(
+            ["git", "apply", *includes, str(patch)], cwd=tmp_path, check=True
+        )
+    for target, source in files.items():
+        assert (tmp_path / target).read_bytes() == (REPO / source).read_bytes(), target

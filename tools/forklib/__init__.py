@@ -10,6 +10,5 @@ pep517    the PEP 517 build backend behind `pip install .` and `pip install -e .
 lint      upstream's ruff settings on what the fork changes
 upstream  the fork as PR-sized upstream series, and checking them commit by
           commit
-features  the plugin's features beyond upstream as patches of the upstream cut
 rebase    moving the series onto a new upstream release
 """

@@ -4,10 +4,9 @@ the check that each applies after the ones before it, imports at every
 commit and passes its tests.
 
 The cut lives in tools/fork.toml (`[[upstream.pr]]`): each PR takes patches
-of patches/, commits adding files of this repository, `vllm/...` at the
-same path and `upstream/<path>` (tests and docs written for vLLM's tree) at
-`<path>`, and feature patches of patches/features/ (see `features`). The
-commits add the files as they are before the feature patches.
+of patches/ and then commits adding files of this repository as they are,
+`vllm/...` at the same path and `upstream/<path>` (tests and docs written
+for vLLM's tree) at `<path>`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-from . import features, git, lint
+from . import git, lint
 from .base import CONFIG, REPO, Base, log
 from .series import (
     BINARY_SUFFIXES,
@@ -78,8 +77,6 @@ class PullRequest:
     purpose: str
     test_plan: str
     fork_tests: tuple[str, ...] = ()
-    # Files of patches/features/, applied after `patches` and `commits`.
-    features: tuple[str, ...] = ()
 
     @property
     def tests(self) -> list[str]:
@@ -126,7 +123,6 @@ def pull_requests(config: dict[str, Any] = CONFIG) -> list[PullRequest]:
             purpose=pr["purpose"].strip(),
             test_plan=pr["test_plan"].strip(),
             fork_tests=tuple(pr.get("fork_tests", [])),
-            features=tuple(pr.get("features", [])),
         )
         for pr in config["upstream"]["pr"]
     ]
@@ -175,11 +171,6 @@ def tree_path(path: str) -> str:
     return path.removeprefix(prefix) if path.startswith(prefix) else path
 
 
-def repository_path(path: str) -> str:
-    """Where a file of vLLM's tree goes in this repository (see `tree_path`)."""
-    return path if path.startswith(f"{OVERLAY.name}/") else f"{UPSTREAM_ROOT}/{path}"
-
-
 def repository_files(path: str, root: Path = REPO) -> list[str]:
     """The files a `paths` entry names: the file, or all under the directory."""
     location = root / path
@@ -208,17 +199,12 @@ def own_tree_files() -> dict[str, str]:
     return {tree_path(path): path for path in sorted(own_files())}
 
 
-def feature_patches(prs: list[PullRequest]) -> list[Path]:
-    return [features.FEATURES / name for pr in prs for name in pr.features]
-
-
 def cut_problems(
     prs: list[PullRequest],
     patches: list[str],
     kept_out: list[str],
     files: set[str],
     root: Path = REPO,
-    stored_features: Path = features.FEATURES,
 ) -> list[str]:
     """Why the cut does not place every patch and every file exactly once."""
     problems = []
@@ -244,14 +230,6 @@ def cut_problems(
         count = assigned.count(path)
         if count != 1:
             problems.append(f"{path} is added by {count} commits of [[upstream.pr]]")
-    listed = [path.name for path in feature_patches(prs)]
-    stored = sorted(path.name for path in stored_features.glob("*.patch"))
-    for name in sorted(set(listed) | set(stored)):
-        if listed.count(name) != 1 or name not in stored:
-            problems.append(
-                f"patches/features/{name} is stored {int(name in stored)} and "
-                f"listed {listed.count(name)} times in [[upstream.pr]]"
-            )
     return problems
 
 
@@ -293,11 +271,6 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
             "[[upstream.pr]] in tools/fork.toml does not cut the fork cleanly:\n"
             + "\n".join(problems)
         )
-    files = own_tree_files()
-    # The fork's own files as the commits add them: without the features.
-    before_features = tree.parent / "before-features"
-    features.copy_own_files(files, before_features)
-    features.remove_features(before_features, feature_patches(prs))
     pristine_repository(base, tree)
     repo = git.Repo(tree, signer(sign_off))
     shutil.rmtree(destination, ignore_errors=True)
@@ -314,17 +287,11 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
         for commit in pr.commits:
             for path in commit.paths:
                 for found in repository_files(path):
-                    source = before_features / tree_path(found)
-                    if source.exists():  # else a feature patch adds it
-                        target = tree / tree_path(found)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(source, target)
+                    target = tree / tree_path(found)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(REPO / found, target)
                 repo.run("add", tree_path(path))
             repo.run("commit", "-q", "-m", commit.message)
-        if pr.features and not git.am(
-            repo, [features.FEATURES / name for name in pr.features]
-        ):
-            raise SystemExit(f"{pr.name}: its feature patches do not apply (see above)")
         revisions = f"{start}..HEAD"
         numstat = git.numstat(repo, revisions)
         patches = git.format_patch(
@@ -339,8 +306,6 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
             removed=sum(removed for _, removed, _ in numstat),
         )
         exported.append(Series(pr, patches[0].parent, patches, size))
-    features.copy_own_files(files, tree.parent / "fork-files")
-    _compare_files(tree, tree.parent / "fork-files", list(files))
     return exported
 
 
@@ -546,8 +511,7 @@ def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]
 def _lint_series(base: Base, repo: git.Repo, revisions: str) -> str:
     """Upstream's lint on the Python files a series touches, as a result line."""
     changes = git.changes(repo, revisions)
-    # A file upstream lacks (a feature series editing the plugin) is held to
-    # being clean, like an added one.
+    # A file upstream lacks is held to being clean, even if a series edits it.
     upstream_files = [p for p in changes if (base.pristine / p).exists()]
     patched = lint.python_files([p for p in upstream_files if changes[p] == "M"])
     added = lint.python_files(
@@ -591,16 +555,6 @@ def _compare(tree: Path, expected: Path, failure: str) -> None:
     ).stdout
     if differences:
         raise SystemExit(f"{failure}:\n{differences}")
-
-
-def _compare_files(tree: Path, expected: Path, paths: list[str]) -> None:
-    """The series end with the fork's own files, features included."""
-    _, differing, missing = filecmp.cmpfiles(expected, tree, paths, shallow=False)
-    if differing or missing:
-        raise SystemExit(
-            "after all series these files differ from the fork's: "
-            f"{differing + missing}"
-        )
 
 
 def upstream_has(base: Base, module: str) -> bool:
