@@ -10,6 +10,7 @@ import pytest
 from forklib.base import Base
 from forklib.series import PATCHES, parse_series
 from forklib.upstream import (
+    PR_TEXTS,
     Commit,
     PullRequest,
     cut_problems,
@@ -18,6 +19,8 @@ from forklib.upstream import (
     own_files,
     own_tree_files,
     pull_requests,
+    read_pr_text,
+    repository_files,
     submitter,
     tree_path,
     without_fork_headers,
@@ -39,15 +42,23 @@ def test_the_cut_places_every_patch_and_file_exactly_once():
 
 
 def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
-    for path in ("vllm/pkg/a.py", "vllm/pkg/b.py", "upstream/tests/test_x.py"):
+    for path in (
+        "vllm/pkg/a.py",
+        "vllm/pkg/b.py",
+        "upstream/tests/test_x.py",
+        f"{PR_TEXTS}/one.md",
+        f"{PR_TEXTS}/gone.md",
+    ):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
     prs = [
         pr("one", ("2.patch", "1.patch"), ("vllm/pkg",)),
         pr("two", ("2.patch", "9.patch"), ("vllm/pkg/a.py", "vllm/missing.py")),
+        pr("three", (), (f"{PR_TEXTS}/one.md",)),
     ]
     files = own_files(tmp_path)
     assert files == {"vllm/pkg/a.py", "vllm/pkg/b.py", "upstream/tests/test_x.py"}
+    assert repository_files("upstream", tmp_path) == ["upstream/tests/test_x.py"]
     problems = cut_problems(prs, ["1.patch", "2.patch", "3.patch"], [], files, tmp_path)
     assert problems == [
         "2.patch is placed 2 times (PRs and fork_only)",
@@ -55,9 +66,100 @@ def test_cut_problems_name_what_is_misplaced(tmp_path: Path):
         "9.patch is not in patches/series",
         "the PRs take the patches out of patches/series order",
         "two: vllm/missing.py does not exist",
+        f"three: {PR_TEXTS}/one.md is a PR's text, not a file of vLLM's tree",
         "upstream/tests/test_x.py is added by 0 commits of [[upstream.pr]]",
         "vllm/pkg/a.py is added by 2 commits of [[upstream.pr]]",
+        f"{PR_TEXTS}/gone.md is the text of no [[upstream.pr]]",
     ]
+
+
+def test_pr_texts_give_the_sections_and_commit_messages(tmp_path: Path):
+    config = {
+        "upstream": {
+            "pr": [
+                {
+                    "name": "one",
+                    "title": "[Test] One",
+                    "commit": [
+                        {"subject": "[Test] Add a", "paths": ["upstream/a.py"]},
+                        {"subject": "[Test] Add b", "paths": ["upstream/b.py"]},
+                    ],
+                    "fork_tests": ["tests/test_one.py"],
+                },
+                {"name": "two", "title": "[Test] Two", "patches": ["1.patch"]},
+            ]
+        }
+    }
+    texts = tmp_path / PR_TEXTS
+    texts.mkdir(parents=True)
+    (texts / "one.md").write_text(
+        "## Purpose\n\nWhy,\n\n- in a list.\n\n## Test Plan\n\n- pytest\n\n"
+        "## Commit messages\n\n### [Test] Add b\n\nB.\n\n"
+        "### [Test] Add a\n\nA, and\n    code.\n"
+    )
+    (texts / "two.md").write_text("## Purpose\n\nP.\n\n## Test Plan\n\nT.\n")
+    one, two = pull_requests(config, tmp_path)
+    assert one == PullRequest(
+        name="one",
+        title="[Test] One",
+        patches=(),
+        commits=(
+            Commit("[Test] Add a", "A, and\n    code.", ("upstream/a.py",)),
+            Commit("[Test] Add b", "B.", ("upstream/b.py",)),
+        ),
+        purpose="Why,\n\n- in a list.",
+        test_plan="- pytest",
+        fork_tests=("tests/test_one.py",),
+    )
+    assert one.commits[0].message == "[Test] Add a\n\nA, and\n    code.\n"
+    assert two == PullRequest("two", "[Test] Two", ("1.patch",), (), "P.", "T.")
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (None, "is missing"),
+        ("Intro.\n## Purpose\n\nP.\n## Test Plan\n\nT.\n", "must hold the sections"),
+        ("## Test Plan\n\nT.\n## Purpose\n\nP.\n", "must hold the sections"),
+        ("## Purpose\n\nP.\n## Test Plan\n\n## Test Result\n\nR.\n", "must hold"),
+        ("## Purpose\n\nP.\n## Test Plan\n\nT.\n", "no message for the commit"),
+        (
+            "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
+            "### [Test] Add\n\nA.\n### [Test] Gone\n\nG.\n",
+            "has the subject of \\['\\[Test\\] Gone'\\]",
+        ),
+        (
+            "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
+            "### [Test] Add\n\nA.\n### [Test] Add\n\nA.\n",
+            "one non-empty `### <subject>` section per commit",
+        ),
+    ],
+)
+def test_a_malformed_pr_text_is_refused(tmp_path: Path, text: str | None, error: str):
+    config = {
+        "upstream": {
+            "pr": [
+                {
+                    "name": "one",
+                    "title": "[Test] One",
+                    "commit": [{"subject": "[Test] Add", "paths": ["upstream/a.py"]}],
+                }
+            ]
+        }
+    }
+    texts = tmp_path / PR_TEXTS
+    texts.mkdir(parents=True)
+    if text is not None:
+        (texts / "one.md").write_text(text)
+    with pytest.raises(SystemExit, match=error):
+        pull_requests(config, tmp_path)
+
+
+def test_every_pr_has_its_text_and_no_text_is_exported():
+    texts = {path.name for path in (REPO / PR_TEXTS).iterdir()}
+    assert texts == {f"{p.name}.md" for p in pull_requests()}
+    assert not any(path.startswith(f"{PR_TEXTS}/") for path in own_files())
+    assert read_pr_text(REPO / PR_TEXTS / "bitsandbytes-plugin.md")[0]["purpose"]
 
 
 def test_fork_headers_are_dropped_from_upstream_mails():

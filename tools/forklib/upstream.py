@@ -6,7 +6,11 @@ commit and passes its tests.
 The cut lives in tools/fork.toml (`[[upstream.pr]]`): each PR takes patches
 of patches/ and then commits adding files of this repository as they are,
 `vllm/...` at the same path and `upstream/<path>` (tests and docs written
-for vLLM's tree) at `<path>`.
+for vLLM's tree) at `<path>`. A PR's text is upstream/pull-requests/<name>.md
+(`PR_TEXTS`), the one directory of upstream/ that is not vLLM's tree: its
+`## Purpose` and `## Test Plan` become PR.md's sections, and each
+`### <subject>` under `## Commit messages` the body of the commit with that
+subject.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import filecmp
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +48,13 @@ from .series import series as fork_series
 IMPORT_ALL = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
 # Files of this repository kept at vLLM's paths below this directory.
 UPSTREAM_ROOT = "upstream"
+# The PRs' texts, one <name>.md per [[upstream.pr]]: below UPSTREAM_ROOT but
+# never a file of vLLM's tree, so no commit may add them.
+PR_TEXTS = f"{UPSTREAM_ROOT}/pull-requests"
+# The sections of a PR's text that become PR.md's (the PullRequest fields),
+# and the one holding the commit messages, a `### <subject>` section each.
+PR_SECTIONS = {"Purpose": "purpose", "Test Plan": "test_plan"}
+COMMIT_MESSAGES = "Commit messages"
 PR_DESCRIPTION = "PR.md"
 SUMMARY = "SUMMARY.md"
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
@@ -110,22 +122,78 @@ class Series:
     results: list[str] = field(default_factory=list)
 
 
-def pull_requests(config: dict[str, Any] = CONFIG) -> list[PullRequest]:
-    return [
-        PullRequest(
-            name=pr["name"],
-            title=pr["title"],
-            patches=tuple(pr.get("patches", [])),
-            commits=tuple(
-                Commit(c["subject"], c["body"], tuple(c["paths"]))
-                for c in pr.get("commit", [])
-            ),
-            purpose=pr["purpose"].strip(),
-            test_plan=pr["test_plan"].strip(),
-            fork_tests=tuple(pr.get("fork_tests", [])),
+def pull_requests(
+    config: dict[str, Any] = CONFIG, root: Path = REPO
+) -> list[PullRequest]:
+    """The `[[upstream.pr]]` entries, with their texts from `PR_TEXTS`."""
+    prs = []
+    for pr in config["upstream"]["pr"]:
+        location = f"{PR_TEXTS}/{pr['name']}.md"
+        sections, messages = read_pr_text(root / location)
+        commits = []
+        for entry in pr.get("commit", []):
+            body = messages.pop(entry["subject"], None)
+            if body is None:
+                raise SystemExit(
+                    f"{location} has no message for the commit "
+                    f"{entry['subject']!r} (a `### <subject>` section under "
+                    f"`## {COMMIT_MESSAGES}`)"
+                )
+            commits.append(Commit(entry["subject"], body, tuple(entry["paths"])))
+        if messages:
+            raise SystemExit(
+                f"{location}: no commit of [[upstream.pr]] {pr['name']!r} has "
+                f"the subject of {sorted(messages)}"
+            )
+        prs.append(
+            PullRequest(
+                name=pr["name"],
+                title=pr["title"],
+                patches=tuple(pr.get("patches", [])),
+                commits=tuple(commits),
+                fork_tests=tuple(pr.get("fork_tests", [])),
+                **sections,
+            )
         )
-        for pr in config["upstream"]["pr"]
-    ]
+    return prs
+
+
+def _sections(text: str, level: str) -> tuple[str, list[tuple[str, str]]]:
+    """The text before the first heading of `level` ("##"), and each such
+    heading with its text, stripped."""
+    head, *rest = re.split(rf"^{level} (.+)\n", text, flags=re.M)
+    pairs = zip(rest[::2], rest[1::2], strict=True)
+    return head.strip(), [(heading.strip(), body.strip()) for heading, body in pairs]
+
+
+def read_pr_text(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A PR's text: its PR.md sections by `PullRequest` field, and its commit
+    messages' bodies by subject."""
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: every [[upstream.pr]] has its text")
+    head, found = _sections(path.read_text(), "##")
+    headings = [heading for heading, _ in found]
+    expected = [*PR_SECTIONS, COMMIT_MESSAGES]
+    if (
+        head
+        or headings not in (expected, expected[:-1])
+        or not all(body for _, body in found)
+    ):
+        raise SystemExit(
+            f"{path} must hold the sections {', '.join(f'## {h}' for h in expected)} "
+            f"(the last only for a PR with commits), in this order, none empty, "
+            f"and nothing before them; it has {headings}"
+        )
+    texts = dict(found)
+    sections = {field: texts[heading] for heading, field in PR_SECTIONS.items()}
+    head, commits = _sections(texts.get(COMMIT_MESSAGES, ""), "###")
+    messages = dict(commits)
+    if head or len(messages) != len(commits) or not all(messages.values()):
+        raise SystemExit(
+            f"{path}: `## {COMMIT_MESSAGES}` must hold one non-empty "
+            "`### <subject>` section per commit and nothing else"
+        )
+    return sections, messages
 
 
 def fork_only(config: dict[str, Any] = CONFIG) -> list[str]:
@@ -171,22 +239,31 @@ def tree_path(path: str) -> str:
     return path.removeprefix(prefix) if path.startswith(prefix) else path
 
 
+def is_pr_text(path: str) -> bool:
+    """Whether `path` of this repository is `PR_TEXTS` or below it."""
+    return f"{path}/".startswith(f"{PR_TEXTS}/")
+
+
 def repository_files(path: str, root: Path = REPO) -> list[str]:
-    """The files a `paths` entry names: the file, or all under the directory."""
+    """The files a `paths` entry names: the file, or all under the directory;
+    never the PRs' texts."""
     location = root / path
     if not location.is_dir():
-        return [path] if location.exists() else []
+        return [path] if location.exists() and not is_pr_text(path) else []
     return sorted(
-        str(found.relative_to(root))
+        relative
         for found in location.rglob("*")
         if found.is_file()
         and "__pycache__" not in found.parts
         and not found.name.endswith(BINARY_SUFFIXES)
+        for relative in [str(found.relative_to(root))]
+        if not is_pr_text(relative)
     )
 
 
 def own_files(root: Path = REPO) -> set[str]:
-    """Every file the cut must place: under vllm/ and under upstream/."""
+    """Every file the cut must place: under vllm/ and under upstream/, but
+    the PRs' texts."""
     return {
         found
         for directory in (OVERLAY.name, UPSTREAM_ROOT)
@@ -206,7 +283,8 @@ def cut_problems(
     files: set[str],
     root: Path = REPO,
 ) -> list[str]:
-    """Why the cut does not place every patch and every file exactly once."""
+    """Why the cut does not place every patch and every file exactly once, or
+    a PR's text is not where it belongs."""
     problems = []
     placed = [name for pr in prs for name in pr.patches] + kept_out
     for name in sorted(set(placed) | set(patches)):
@@ -223,13 +301,23 @@ def cut_problems(
         for commit in pr.commits:
             for path in commit.paths:
                 found = repository_files(path, root)
-                if not found:
+                if is_pr_text(path):
+                    problems.append(
+                        f"{pr.name}: {path} is a PR's text, not a file of vLLM's tree"
+                    )
+                elif not found:
                     problems.append(f"{pr.name}: {path} does not exist")
                 assigned += found
     for path in sorted(files | set(assigned)):
         count = assigned.count(path)
         if count != 1:
             problems.append(f"{path} is added by {count} commits of [[upstream.pr]]")
+    texts = {f"{pr.name}.md" for pr in prs}
+    for found in sorted((root / PR_TEXTS).glob("*")):
+        if found.name not in texts:
+            problems.append(
+                f"{PR_TEXTS}/{found.name} is the text of no [[upstream.pr]]"
+            )
     return problems
 
 
