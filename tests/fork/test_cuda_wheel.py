@@ -23,6 +23,12 @@ RELEASE = tomllib.loads(CONFIG_PATH.read_text())["fork"]["base_version"]
 ENTRY_POINT = "bitsandbytes = vllm.plugins.bitsandbytes:register"
 
 
+def assert_upstream_size(fork_wheel: Path, base: Base) -> None:
+    """Compressed as upstream's wheel is, compiled extensions included: the
+    fork adds only a few hundred kB of sources to its base."""
+    assert fork_wheel.stat().st_size < 1.01 * fetch(base).stat().st_size
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
     """Both flavors' trees and fork wheels, in one scratch directory."""
@@ -37,6 +43,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
 
 def test_cuda_wheel_is_the_fork_on_the_cuda_base(built: Path):
     path = wheel.check_wheel(CUDA, CPU, built)
+    assert_upstream_size(path, CUDA)
 
     assert path.name == f"vllm-{RELEASE}+hooks-cp38-abi3-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(path) as archive:
@@ -51,7 +58,7 @@ def test_cuda_wheel_is_the_fork_on_the_cuda_base(built: Path):
 
 
 def test_the_cpu_wheel_passes_the_same_check(built: Path):
-    wheel.check_wheel(CPU, CUDA, built)
+    assert_upstream_size(wheel.check_wheel(CPU, CUDA, built), CPU)
 
 
 def test_a_wheel_of_an_empty_tree_fails_the_check(built: Path, tmp_path: Path):
