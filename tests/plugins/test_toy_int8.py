@@ -439,7 +439,8 @@ def test_tp2_starts_like_tp1(engine_runs: Path) -> None:
 def test_every_rank_runs_eagerly_through_the_plugins_loader(
     engine_runs: Path, case: str, checkpoint: str, tp: int, skipped: list[str]
 ) -> None:
-    """`verify_model_config` and `get_required_load_format` reach every worker.
+    """`verify_and_update_model_config` and `get_required_load_format` reach
+    every worker.
 
     The run passed neither `enforce_eager` nor `load_format`. On the CPU
     platform vLLM would otherwise compile the model (torch.compile) and load
@@ -473,8 +474,8 @@ def test_loader_refuses_a_checkpoint_without_a_weight(engine_runs: Path) -> None
 
 def test_misspelled_setting_is_refused_by_the_plugin(engine_runs: Path) -> None:
     """`--quantization-config` reaches the plugin's `from_config` through
-    `verify_model_config`, while the model config is validated (before any
-    engine starts), not vLLM's online-quantization schema."""
+    `verify_and_update_model_config`, while the model config is validated
+    (before any engine starts), not vLLM's online-quantization schema."""
     run = result(engine_runs, "misspelled-setting")
     assert run["status"] == "error"
     error = run["error"]

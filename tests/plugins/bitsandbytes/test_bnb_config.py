@@ -122,7 +122,7 @@ def test_fp32_cpu_offload_is_refused_in_one_sentence():
     assert message.count(". ") == 0 and "\n" not in message
     # The same refusal before any worker starts.
     with pytest.raises(ValueError, match="llm_int8_enable_fp32_cpu_offload"):
-        BitsAndBytesConfig.verify_model_config(model_config(saved))
+        BitsAndBytesConfig.verify_and_update_model_config(model_config(saved))
     # transformers writes false by default: such checkpoints load.
     assert not BitsAndBytesConfig.from_config(
         transformers_dict(load_in_8bit=True)
@@ -212,14 +212,14 @@ def test_weight_byte_size_is_what_bitsandbytes_stores():
 )
 def test_8bit_checkpoints_with_outlier_threshold_run_eagerly(checkpoint, eager_after):
     config = model_config(checkpoint)
-    BitsAndBytesConfig.verify_model_config(config)
+    BitsAndBytesConfig.verify_and_update_model_config(config)
     assert config.enforce_eager is eager_after
 
 
 def test_quantization_config_argument_asks_for_online_int8():
     config = model_config(None, quantization_config_arg={"load_in_8bit": True})
     assert BitsAndBytesConfig.takes_quantization_config_arg()
-    BitsAndBytesConfig.verify_model_config(config)
+    BitsAndBytesConfig.verify_and_update_model_config(config)
     assert config.enforce_eager is True
 
 
@@ -227,13 +227,13 @@ def test_quantization_config_argument_is_refused_for_a_quantized_checkpoint():
     checkpoint = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     config = model_config(checkpoint, quantization_config_arg={"load_in_8bit": True})
     with pytest.raises(ValueError, match="already quantized; drop --quantization"):
-        BitsAndBytesConfig.verify_model_config(config)
+        BitsAndBytesConfig.verify_and_update_model_config(config)
 
 
 def test_checkpoint_settings_are_checked_before_loading():
     bad = {"quant_method": "bitsandbytes", "bnb_4bit_quant_type": "int4"}
     with pytest.raises(ValueError, match="int4"):
-        BitsAndBytesConfig.verify_model_config(model_config(bad))
+        BitsAndBytesConfig.verify_and_update_model_config(model_config(bad))
 
 
 @pytest.fixture

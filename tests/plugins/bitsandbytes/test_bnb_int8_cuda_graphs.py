@@ -17,12 +17,12 @@ def test_int8_without_outlier_decomposition_keeps_cuda_graphs():
         "llm_int8_threshold": 0.0,
     }
     config = model_config(checkpoint)
-    BitsAndBytesConfig.verify_model_config(config)
+    BitsAndBytesConfig.verify_and_update_model_config(config)
     assert config.enforce_eager is False
 
 
 def test_online_int8_without_outlier_decomposition_keeps_cuda_graphs():
     settings = {"load_in_8bit": True, "llm_int8_threshold": 0}
     config = model_config(None, quantization_config_arg=settings)
-    BitsAndBytesConfig.verify_model_config(config)
+    BitsAndBytesConfig.verify_and_update_model_config(config)
     assert config.enforce_eager is False

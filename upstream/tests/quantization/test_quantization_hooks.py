@@ -95,7 +95,7 @@ class HookedConfig(_TestConfig):
         return "dummy"
 
     @classmethod
-    def verify_model_config(cls, model_config: ModelConfig) -> None:
+    def verify_and_update_model_config(cls, model_config: ModelConfig) -> None:
         model_config.enforce_eager = True
 
     @classmethod
@@ -144,6 +144,14 @@ def test_required_load_format_and_model_config_check(model_dir: Path) -> None:
     assert config.model_config.quantization == HOOKED
     assert config.load_config.load_format == "dummy"
     assert config.model_config.enforce_eager is True
+
+
+def test_an_explicit_load_format_the_method_cannot_use_is_refused(
+    model_dir: Path,
+) -> None:
+    assert engine_config(model_dir, quantization=HOOKED, load_format="dummy")
+    with pytest.raises(ValueError, match="--load-format safetensors cannot load"):
+        engine_config(model_dir, quantization=HOOKED, load_format="safetensors")
 
 
 def test_defaults_keep_the_users_load_format_and_model_config(

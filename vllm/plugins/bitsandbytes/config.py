@@ -214,7 +214,7 @@ class BitsAndBytesConfig(QuantizationConfig):
         return True
 
     @classmethod
-    def verify_model_config(cls, model_config: "ModelConfig") -> None:
+    def verify_and_update_model_config(cls, model_config: "ModelConfig") -> None:
         """Check library and checkpoint early; keep LLM.int8() with outlier
         decomposition out of CUDA graphs.
 

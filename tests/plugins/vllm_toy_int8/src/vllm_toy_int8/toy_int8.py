@@ -37,7 +37,7 @@ setting, `skip_modules`, comes from `--quantization-config`. Beyond the
 weight layout, the method needs what vllm-bnb-plugin patches `EngineArgs` for
 on pristine vLLM, and takes it from the config hooks: its own model loader
 (`get_required_load_format`, the loader registered by name in `register()`)
-and eager execution (`verify_model_config`).
+and eager execution (`verify_and_update_model_config`).
 """
 
 from collections.abc import Callable, Iterable
@@ -309,7 +309,7 @@ class ToyInt8Config(QuantizationConfig):
         return True
 
     @classmethod
-    def verify_model_config(cls, model_config: "ModelConfig") -> None:
+    def verify_and_update_model_config(cls, model_config: "ModelConfig") -> None:
         """Check the settings before any worker starts; always run eagerly.
 
         `apply` rebuilds the weight from its int8 storage on every call: a
