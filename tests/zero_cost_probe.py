@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 sys.path.append(str(Path(__file__).resolve().parent))
 import engine_driver  # noqa: E402
 
-# Also this module's API: benchmarks/test_weight_loader_bench.py calls it.
+# Also this module's API: tests/test_weight_loader_timings.py calls it.
 from engine_driver import init_distributed  # noqa: E402
 
 engine_driver.set_env_defaults()

@@ -6,7 +6,7 @@ The calls are exactly those ``tests/test_zero_cost.py`` counts (built by
 0.32.0, its base (``build/pristine``, no plugins), each in its own process,
 and compare with pytest-benchmark's own tool::
 
-    B="benchmarks/test_weight_loader_bench.py"
+    B="tests/test_weight_loader_timings.py"
     S="build/benchmarks/weight_loader"
     .venv/bin/python -m pytest $B --benchmark-storage=$S --benchmark-save=fork
     PYTHONPATH=build/pristine VLLM_PLUGINS= \
@@ -16,7 +16,8 @@ and compare with pytest-benchmark's own tool::
 With ``WEIGHT_LOADER_BENCH_TP=2`` the process is rank 1 of a real two-rank
 gloo tensor-parallel group (a probe process is rank 0 and exits once the
 group exists), so the layers load rank 1's shards. Times are reported,
-never asserted.
+never asserted. A plain ``pytest`` run leaves this file out
+(``collect_ignore`` in ``tests/conftest.py``); it runs when named.
 """
 
 import os
