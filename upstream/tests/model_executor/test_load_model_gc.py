@@ -59,7 +59,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+# Not vLLM's dist_init (nccl): gloo, kept here so that this PR's tests stand alone.
+# Function-scoped, as vLLM's autouse cleanup_fixture ends the group after each test.
+@pytest.fixture
 def single_rank(tmp_path_factory: pytest.TempPathFactory):
     """A tensor-parallel group of one rank over gloo, for building layers."""
     init_file = tmp_path_factory.mktemp("dist") / "init"

@@ -57,7 +57,9 @@ class Reversed(InOrder):
         return (total - offset - size) * self.columns, size * self.columns
 
 
-@pytest.fixture(scope="module", autouse=True)
+# Not vLLM's dist_init (nccl): gloo, kept here so that this PR's tests stand alone.
+# Function-scoped, as vLLM's autouse cleanup_fixture ends the group after each test.
+@pytest.fixture(autouse=True)
 def single_rank(tmp_path_factory: pytest.TempPathFactory):
     """A tensor-parallel group of one rank over gloo, for building layers."""
     init_file = tmp_path_factory.mktemp("dist") / "init"

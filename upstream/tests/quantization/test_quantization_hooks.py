@@ -188,7 +188,9 @@ def test_metrics_take_the_declared_weight_byte_size(parser: type) -> None:
         parser().parse(ParsedArgs(), VllmConfig(quant_config=PlainConfig()))
 
 
-@pytest.fixture(scope="module")
+# Not vLLM's dist_init (nccl): gloo, kept here so that this PR's tests stand alone.
+# Function-scoped, as vLLM's autouse cleanup_fixture ends the group after each test.
+@pytest.fixture
 def single_rank(tmp_path_factory: pytest.TempPathFactory):
     """A tensor-parallel group of one rank over gloo, for building layers."""
     init_file = tmp_path_factory.mktemp("dist") / "init"
