@@ -27,11 +27,18 @@ def model_config(
     quantization_config_arg: dict | None = None,
 ):
     """The ModelConfig fields the hooks read: the checkpoint's (or overridden)
-    `quantization_config` and the `--quantization-config` argument."""
+    `quantization_config` and the `--quantization-config` argument, resolved
+    by core as for `--quantization bitsandbytes`."""
+    from vllm.config.quantization import resolve_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
     return SimpleNamespace(
         model="/models/m",
         model_arch_config=SimpleNamespace(quantization_config=quantization_config),
-        quantization_config=quantization_config_arg,
+        quantization_config=resolve_quantization_config(
+            "bitsandbytes", quantization_config_arg
+        ),
         hf_overrides={},
         enforce_eager=enforce_eager,
     )

@@ -166,7 +166,7 @@ def test_quantization_config_argument_holds_the_methods_settings(
     model_dir: Path,
 ) -> None:
     settings = {"bits": 3}
-    assert resolve_quantization_config(HOOKED, settings) == {"bits": 3}
+    assert resolve_quantization_config(HOOKED, settings).method_settings == settings
     config = engine_config(model_dir, quantization=HOOKED, quantization_config=settings)
     quant_config = get_quant_config(config.model_config, config.load_config)
     assert isinstance(quant_config, HookedConfig)
@@ -176,6 +176,24 @@ def test_quantization_config_argument_holds_the_methods_settings(
 def test_quantization_config_argument_follows_vllms_schema_by_default() -> None:
     with pytest.raises(ValueError, match="bits"):
         resolve_quantization_config(PLAIN, {"bits": 3})
+
+
+def test_method_settings_reach_only_a_method_that_takes_them(
+    model_dir: Path,
+) -> None:
+    with pytest.raises(ValueError, match="takes no method_settings"):
+        engine_config(
+            model_dir,
+            quantization=PLAIN,
+            quantization_config={"method_settings": {"bits": 3}},
+        )
+
+
+def test_method_settings_exclude_the_online_fields() -> None:
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        resolve_quantization_config(
+            PLAIN, {"method_settings": {"bits": 3}, "ignore": ["lm_head"]}
+        )
 
 
 @pytest.mark.parametrize(

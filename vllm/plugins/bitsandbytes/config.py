@@ -79,17 +79,23 @@ def checkpoint_quantization_config(model_config: "ModelConfig") -> dict | None:
     return model_config.model_arch_config.quantization_config
 
 
+def settings_argument(model_config: "ModelConfig") -> dict | None:
+    """The `--quantization-config` dict given with `--quantization
+    bitsandbytes`, which core keeps as `QuantizationConfigArgs.method_settings`
+    (see `takes_quantization_config_arg`); None if none."""
+    return getattr(model_config.quantization_config, "method_settings", None)
+
+
 def online_settings(model_config: "ModelConfig") -> dict | None:
     """The settings a user gave for quantizing while loading, None if none.
 
     Either `--quantization-config '{"load_in_8bit": true}'` with
-    `--quantization bitsandbytes` (core keeps it as a dict, see
-    `takes_quantization_config_arg`), or, as before,
+    `--quantization bitsandbytes` (`settings_argument`), or, as before,
     `hf_overrides={"quantization_config": {...}}`, which stands in for the
     checkpoint's own. The checkpoint is then unquantized.
     """
-    if isinstance(model_config.quantization_config, dict):
-        return model_config.quantization_config
+    if (settings := settings_argument(model_config)) is not None:
+        return settings
     overrides = model_config.hf_overrides
     if isinstance(overrides, dict) and "quantization_config" in overrides:
         return checkpoint_quantization_config(model_config)
@@ -226,9 +232,7 @@ class BitsAndBytesConfig(QuantizationConfig):
         """
         require_bitsandbytes()
         checkpoint_config = checkpoint_quantization_config(model_config)
-        if checkpoint_config is not None and isinstance(
-            model_config.quantization_config, dict
-        ):
+        if checkpoint_config is not None and settings_argument(model_config):
             raise ValueError(
                 "--quantization-config sets how bitsandbytes quantizes an "
                 f"unquantized checkpoint while loading, but {model_config.model} "

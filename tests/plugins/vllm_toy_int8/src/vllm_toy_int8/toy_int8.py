@@ -316,8 +316,9 @@ class ToyInt8Config(QuantizationConfig):
         reference computation written for eager execution, never tested under
         torch.compile or CUDA graphs.
         """
-        if isinstance(model_config.quantization_config, dict):
-            cls.from_config(model_config.quantization_config)
+        settings = getattr(model_config.quantization_config, "method_settings", None)
+        if settings is not None:
+            cls.from_config(settings)
         if not model_config.enforce_eager:
             logger.warning("toy_int8 runs only eagerly; setting enforce_eager.")
             model_config.enforce_eager = True
