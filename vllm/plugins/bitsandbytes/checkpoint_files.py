@@ -13,6 +13,8 @@ import math
 from functools import cached_property
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # A safetensors file starts with the byte length of its JSON header.
 HEADER_LENGTH_BYTES = 8
@@ -38,10 +40,36 @@ SAFETENSORS_ITEM_SIZES = {
 def safetensors_problem(path: Path) -> str | None:
     """What makes a safetensors file unreadable, as a phrase; None if sound.
 
-    Checks what a reader relies on before it maps the data: the header's
-    length and JSON, each tensor's byte range against its shape and dtype,
-    and the file's size against the ranges.
+    safetensors decides: `safe_open` validates the header and every tensor's
+    byte range, as the loader's reader does. Its refusals name no tensor or
+    byte ("incomplete metadata, file not fully covered"), so the header is
+    read again to explain them, and the library's words are the fallback.
     """
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except SafetensorError as err:
+        refusal = f"is not a valid safetensors file ({error_summary(err)})"
+    except OSError as err:
+        refusal = f"cannot be read ({err.strerror or error_summary(err)})"
+    return _framing_problem(path) or refusal
+
+
+def error_summary(err: BaseException) -> str:
+    """A library error in one line, to quote inside one of the plugin's."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
+def _framing_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, as a phrase, or None.
+
+    Checked in the order a reader relies on them: the header's length and
+    JSON, each tensor's byte range against its shape and dtype, and the
+    file's size against the ranges.
+    """
+    # Hand-parsed: safetensors exposes no header of a file it refuses, and
+    # its refusal does not say which tensor or byte is at fault.
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -85,6 +113,15 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _tensor_names(path: Path) -> list[str]:
+    """The tensors of a safetensors file; none if safetensors cannot read it."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            return list(file.keys())
+    except (SafetensorError, OSError):
+        return []
+
+
 class CheckpointFiles:
     """The weights files of a checkpoint directory, found on demand."""
 
@@ -117,8 +154,8 @@ class CheckpointFiles:
         return {
             name: path
             for path in self.weights_files()
-            if path.suffix == ".safetensors" and not safetensors_problem(path)
-            for name in _header_names(path)
+            if path.suffix == ".safetensors"
+            for name in _tensor_names(path)
         }
 
     def file_of(self, tensor: str) -> Path | None:
@@ -133,11 +170,3 @@ class CheckpointFiles:
             if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
                 return path, problem
         return None
-
-
-def _header_names(path: Path) -> list[str]:
-    with open(path, "rb") as file:
-        length = int.from_bytes(file.read(HEADER_LENGTH_BYTES), "little")
-        return [
-            name for name in json.loads(file.read(length)) if name != "__metadata__"
-        ]

@@ -6,10 +6,11 @@ bitsandbytes trusts its states: a wrong block size, a short absmax or a NaN
 scale is not an error there but a crash deep in a kernel or a model that
 silently computes garbage. Everything a pre-quantized checkpoint stores is
 therefore checked here, while it is read, and refused with one sentence
-naming the tensor at fault.
+naming the tensor at fault. The checks come before bitsandbytes' own
+parsers (`unpack_tensor_to_dict`, `QuantState.from_dict`), whose errors are
+a `KeyError` or a bare `assert` that names neither the field nor the tensor.
 """
 
-import json
 import math
 import pickle
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles
+from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles, error_summary
 from vllm.plugins.bitsandbytes.config import (
     BLOCK_SIZES,
     PACKED_STATE_PREFIX,
@@ -44,6 +45,8 @@ def _corrupt(
 
 
 def _packed_fields(weight_name: str, components: dict[str, torch.Tensor]) -> dict:
+    from bitsandbytes.functional import unpack_tensor_to_dict
+
     packed_keys = [key for key in components if key.startswith(PACKED_STATE_PREFIX)]
     if len(packed_keys) != 1:
         raise BitsAndBytesCheckpointError(
@@ -60,10 +63,11 @@ def _packed_fields(weight_name: str, components: dict[str, torch.Tensor]) -> dic
             tensor=weight_name,
         )
     blob = components[packed_keys[0]]
+    # bitsandbytes would decode the bytes of any dtype and shape as JSON.
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise _corrupt(weight_name, "its packed fields are not a 1-D uint8 tensor")
     try:
-        fields = json.loads(bytes(blob.tolist()).decode("utf-8"))
+        fields = unpack_tensor_to_dict(blob)
     except (UnicodeDecodeError, ValueError):
         fields = None
     if not isinstance(fields, dict):
@@ -90,11 +94,11 @@ def _block_size(weight_name: str, fields: dict, name: str) -> int:
     return value
 
 
-def _dtype(weight_name: str, fields: dict, name: str) -> torch.dtype:
+def _dtype(weight_name: str, fields: dict, name: str) -> str:
     value = fields.get(name)
     if value not in WEIGHT_DTYPES:
         raise _corrupt(weight_name, f"{name} {value!r} is not one of {WEIGHT_DTYPES}")
-    return getattr(torch, value)
+    return value
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -114,7 +118,11 @@ def _tensor(
     dtype: torch.dtype,
     numel: int,
 ) -> torch.Tensor:
-    """A 1-D component of the given dtype and size, with finite values."""
+    """A 1-D component of the given dtype and size, with finite values.
+
+    bitsandbytes would take any tensor, so a wrong one surfaces only in a
+    kernel; the component is checked before it is handed over.
+    """
     tensor = components.get(name)
     if tensor is None:
         raise _corrupt(weight_name, f"{name} is missing")
@@ -129,11 +137,16 @@ def _tensor(
         raise _corrupt(
             weight_name, f"{name} holds NaN or infinite values", component=name
         )
-    return tensor.to(current_platform.device_type)
+    return tensor
 
 
 def parse_4bit_state(weight_name: str, components: dict[str, torch.Tensor]) -> Any:
-    """The `QuantState` of a pre-quantized 4-bit weight, after checking it all."""
+    """The `QuantState` of a pre-quantized 4-bit weight, after checking it all.
+
+    bitsandbytes' `QuantState.from_dict` builds it from the checked
+    components and fields only: it asserts that it knows every key, while an
+    unknown packed field has never stopped a load.
+    """
     from bitsandbytes.functional import QuantState
 
     fields = _packed_fields(weight_name, components)
@@ -146,12 +159,24 @@ def parse_4bit_state(weight_name: str, components: dict[str, torch.Tensor]) -> A
         raise _corrupt(weight_name, f"shape {shape!r} is not two positive sizes")
     blocksize = _block_size(weight_name, fields, "blocksize")
     blocks = math.ceil(math.prod(shape) / blocksize)
-    code = _tensor(weight_name, components, "quant_map", torch.float32, CODE_SIZE_4BIT)
-    offset = state2 = None
-    if "nested_absmax" not in components:
-        absmax = _tensor(weight_name, components, "absmax", torch.float32, blocks)
-    else:
-        absmax = _tensor(weight_name, components, "absmax", torch.uint8, blocks)
+    # Double quantization stores the absmax as 8-bit codes.
+    nested = "nested_absmax" in components
+    checked = {
+        "quant_type": fields["quant_type"],
+        "shape": shape,
+        "blocksize": blocksize,
+        "quant_map": _tensor(
+            weight_name, components, "quant_map", torch.float32, CODE_SIZE_4BIT
+        ),
+        "absmax": _tensor(
+            weight_name,
+            components,
+            "absmax",
+            torch.uint8 if nested else torch.float32,
+            blocks,
+        ),
+    }
+    if nested:
         nested_blocksize = _block_size(weight_name, fields, "nested_blocksize")
         nested_offset = fields.get("nested_offset")
         if not isinstance(nested_offset, (int, float)) or not math.isfinite(
@@ -160,37 +185,33 @@ def parse_4bit_state(weight_name: str, components: dict[str, torch.Tensor]) -> A
             raise _corrupt(
                 weight_name, f"nested_offset {nested_offset!r} is not a finite number"
             )
-        # Default dtype, as bitsandbytes' own QuantState.from_dict builds it:
-        # expanding the absmax then rounds exactly as everywhere else.
-        offset = torch.tensor(float(nested_offset), device=absmax.device)
-        state2 = QuantState(
-            absmax=_tensor(
+        checked |= {
+            "nested_blocksize": nested_blocksize,
+            "nested_offset": nested_offset,
+            "nested_absmax": _tensor(
                 weight_name,
                 components,
                 "nested_absmax",
                 torch.float32,
                 math.ceil(blocks / nested_blocksize),
             ),
-            code=_tensor(
+            "nested_quant_map": _tensor(
                 weight_name,
                 components,
                 "nested_quant_map",
                 torch.float32,
                 CODE_SIZE_8BIT,
             ),
-            blocksize=nested_blocksize,
-            dtype=_dtype(weight_name, fields, "nested_dtype"),
-        )
-    return QuantState(
-        absmax=absmax,
-        shape=torch.Size(shape),
-        code=code,
-        blocksize=blocksize,
-        quant_type=fields["quant_type"],
-        dtype=_dtype(weight_name, fields, "dtype"),
-        offset=offset,
-        state2=state2,
-    )
+            "nested_dtype": _dtype(weight_name, fields, "nested_dtype"),
+        }
+    checked["dtype"] = _dtype(weight_name, fields, "dtype")
+    try:
+        return QuantState.from_dict(checked, device=current_platform.device_type)
+    except (AssertionError, KeyError, TypeError, ValueError) as err:
+        # Not reached by any checkpoint the checks above let through.
+        raise _corrupt(
+            weight_name, f"bitsandbytes cannot read it ({error_summary(err)})"
+        ) from err
 
 
 def check_4bit_weight(weight_name: str, weight: torch.Tensor, state: Any) -> None:
@@ -261,8 +282,7 @@ def readable_checkpoint(
                 f"The weights file {path} {problem}; re-download or re-export "
                 "that file."
             ) from err
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise BitsAndBytesCheckpointError(
             f"A weights file of the checkpoint {files.location} cannot be read "
-            f"({reason}); re-download or re-export the checkpoint."
+            f"({error_summary(err)}); re-download or re-export the checkpoint."
         ) from err
