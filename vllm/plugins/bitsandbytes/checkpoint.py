@@ -2,20 +2,15 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Streams that read pre-quantized checkpoints into bitsandbytes storage.
 
-Each stream (here, and the online ones of `online`) yields
-`(checkpoint name, tensor)` pairs for the model's own `load_weights` and
-records, under vLLM's unstacked tensor name, the state bitsandbytes needs to
-use each quantized weight: a `QuantState` for 4-bit, the per-row scales
-(`SCB`) for LLM.int8().
+A pre-quantized checkpoint stores each weight's state in tensors of its own,
+beside the weight; these streams rebuild and check it, and record it as
+every stream does (see `streams`).
 """
 
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.config import (
     PACKED_STATE_PREFIX,
@@ -29,42 +24,13 @@ from vllm.plugins.bitsandbytes.state_checks import (
     parse_4bit_state,
 )
 from vllm.plugins.bitsandbytes.states import flatten_double_quant
-
-logger = init_logger(__name__)
-
-CheckpointTensors = Iterator[tuple[str, torch.Tensor]]
-
-PROGRESS_LOG_INTERVAL_S = 30.0
+from vllm.plugins.bitsandbytes.streams import CheckpointTensors, LoadProgress
 
 # Components transformers saves next to a 4-bit weight `<name>.weight`, besides
 # the packed non-tensor fields `<name>.weight.quant_state.bitsandbytes__<type>`.
 STATE_COMPONENTS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 INT8_SCALE_SUFFIX = ".scb"
 INT8_FORMAT_SUFFIX = ".weight_format"
-
-
-class LoadProgress:
-    """Logs how far a long quantizing load has got, at most every interval."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.count = 0
-        self.started = self.last_log = time.perf_counter()
-
-    def step(self) -> None:
-        self.count += 1
-        now = time.perf_counter()
-        if now - self.last_log >= PROGRESS_LOG_INTERVAL_S:
-            logger.info("bitsandbytes: %s %d weights so far", self.what, self.count)
-            self.last_log = now
-
-    def done(self) -> None:
-        logger.info(
-            "bitsandbytes: %s %d weights in %.1f s",
-            self.what,
-            self.count,
-            time.perf_counter() - self.started,
-        )
 
 
 def _detached(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ rank and quantized to 4 bits on the fly (or to LLM.int8() when the user asks
 for `load_in_8bit` with `--quantization-config` or `hf_overrides`); a
 pre-quantized 4-bit or LLM.int8() checkpoint is copied as stored. The model's
 own `load_weights` places the tensors (through each parameter's
-`shard_indexer`); afterwards the collected quantization states are attached to
-the parameters that own them.
+`shard_indexer`) while the stream records their quantization states; a
+`LoadSession` then attaches the states to the parameters that own them.
 
 Pre-quantized checkpoints are stored for a single rank. Under tensor
 parallelism each rank cuts its part out of the quantized storage and state
@@ -16,6 +16,7 @@ parallelism each rank cuts its part out of the quantized storage and state
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,6 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.plugins.bitsandbytes.checkpoint import (
-    CheckpointTensors,
     read_prequantized_4bit,
     read_prequantized_int8,
 )
@@ -44,10 +44,78 @@ from vllm.plugins.bitsandbytes.config import (
 )
 from vllm.plugins.bitsandbytes.layout import ModelLayout
 from vllm.plugins.bitsandbytes.online import quantize_online_4bit, quantize_online_int8
-from vllm.plugins.bitsandbytes.state_checks import readable_checkpoint
 from vllm.plugins.bitsandbytes.states import attach_quant_states
+from vllm.plugins.bitsandbytes.streams import CheckpointTensors, readable_checkpoint
 
 logger = init_logger(__name__)
+
+
+class LoadSession:
+    """One load's stages, and the quantization states passed between them.
+
+    1. `stream`: the stream records each weight's state as it yields the
+       weight, into states this session owns.
+    2. The model's `load_weights` consumes the stream.
+    3. `finish`: the states are complete only once the stream is drained (a
+       4-bit weight waits for its state components, a fused-MoE state needs
+       every expert's), so only then are they checked against what the model
+       loaded and attached to its parameters.
+    """
+
+    def __init__(self, model: nn.Module, layout: ModelLayout) -> None:
+        self.model = model
+        self.layout = layout
+        self._states: dict[str, Any] = {}
+        self._drained = False
+        # MoE runners report expert weights under their own name, not the
+        # parameter's; those are checked through their states instead.
+        self._expected = {
+            name
+            for name, _ in model.named_parameters()
+            if name not in layout.expert_params
+        }
+
+    def stream(
+        self, open_stream: Callable[[dict[str, Any]], CheckpointTensors]
+    ) -> CheckpointTensors:
+        """The tensors of `open_stream(states)`, noting when they run out.
+
+        `open_stream` is called now, so that what it checks and logs happens
+        before the model reads any weight.
+        """
+        tensors = open_stream(self._states)
+
+        def drained() -> CheckpointTensors:
+            yield from tensors
+            self._drained = True
+
+        return drained()
+
+    @property
+    def states(self) -> dict[str, Any]:
+        """Every recorded state, by vLLM's unstacked weight name.
+
+        Refused until the stream is drained: read earlier, the states would
+        silently lack the weights still waiting for their components.
+        """
+        if not self._drained:
+            raise RuntimeError(
+                f"{type(self.model).__name__}.load_weights returned before "
+                "reading the whole checkpoint, so its bitsandbytes quantization "
+                "states are incomplete; bitsandbytes cannot load this model yet."
+            )
+        return self._states
+
+    def finish(self, loaded: set[str] | None) -> None:
+        """Check what `load_weights` reported loading; attach the states."""
+        states = self.states
+        # Models without load tracking return None.
+        if loaded is not None and (missing := self._expected - loaded):
+            raise BitsAndBytesCheckpointError(
+                f"The checkpoint did not provide these weights: {sorted(missing)}; "
+                "check that it matches the model."
+            )
+        attach_quant_states(self.model, self.layout, states)
 
 
 class BitsAndBytesModelLoader(BaseModelLoader):
@@ -94,25 +162,13 @@ class BitsAndBytesModelLoader(BaseModelLoader):
         layout: ModelLayout,
         files: CheckpointFiles,
     ) -> None:
-        states: dict[str, Any] = {}
-        weights = self._weight_stream(
-            model, model_config, checkpoint_config, layout, states, files
-        )
-        # MoE runners report expert weights under their own name, not the
-        # parameter's; those are checked through their states instead.
-        expected = {
-            name
-            for name, _ in model.named_parameters()
-            if name not in layout.expert_params
-        }
-        loaded = model.load_weights(weights)
-        # Models without load tracking return None.
-        if loaded is not None and (missing := expected - loaded):
-            raise BitsAndBytesCheckpointError(
-                f"The checkpoint did not provide these weights: {sorted(missing)}; "
-                "check that it matches the model."
+        session = LoadSession(model, layout)
+        weights = session.stream(
+            lambda states: self._weight_stream(
+                model, model_config, checkpoint_config, layout, states, files
             )
-        attach_quant_states(model, layout, states)
+        )
+        session.finish(model.load_weights(weights))
 
     def _weight_stream(
         self,

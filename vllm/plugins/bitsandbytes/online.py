@@ -18,9 +18,9 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.checkpoint import CheckpointTensors, LoadProgress
 from vllm.plugins.bitsandbytes.layout import ModelLayout
 from vllm.plugins.bitsandbytes.reshard import reshard_int8_scales
+from vllm.plugins.bitsandbytes.streams import CheckpointTensors, LoadProgress
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 logger = init_logger(__name__)

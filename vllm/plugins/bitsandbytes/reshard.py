@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vllm.plugins.bitsandbytes.layout import RankSplit
-from vllm.plugins.bitsandbytes.linear import VALUES_PER_PACKED_BYTE
+from vllm.plugins.bitsandbytes.shard_indexer import VALUES_PER_PACKED_BYTE
 
 
 def _kept_runs(

@@ -8,6 +8,11 @@ are stacked along the rows, so each shard occupies the same fraction of the
 bytes as of the logical rows, and its byte range follows by proportion.
 """
 
+# Two 4-bit values share each byte of the uint8 storage. A fact of the storage
+# format, so that code cutting packed bytes (`reshard`) need not import the
+# linear method, which registers its custom op on import.
+VALUES_PER_PACKED_BYTE = 2
+
 
 class ProportionalShardIndexer:
     """`shard_indexer` (vLLM's `ShardIndexer`) for row-major packed storage.

@@ -12,14 +12,12 @@ a `KeyError` or a bare `assert` that names neither the field nor the tensor.
 """
 
 import math
-import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from vllm.platforms import current_platform
-from vllm.plugins.bitsandbytes.checkpoint_files import CheckpointFiles, error_summary
+from vllm.plugins.bitsandbytes.checkpoint_files import error_summary
 from vllm.plugins.bitsandbytes.config import (
     BLOCK_SIZES,
     PACKED_STATE_PREFIX,
@@ -259,30 +257,3 @@ def check_int8_weight(
             # transformers saves the scales of `<module>.weight` as `<module>.SCB`.
             tensor=weight_name.removesuffix(".weight") + ".SCB",
         )
-
-
-def readable_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor]], files: CheckpointFiles
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass `tensors` through, turning a file that cannot be read into one error.
-
-    Truncated or malformed safetensors files, and `.bin` files that need more
-    than plain tensors to unpickle (`torch.load(weights_only=True)` refuses
-    them), otherwise surface as the reading library's own exception, which
-    does not say which of the checkpoint's files is damaged.
-    """
-    from safetensors import SafetensorError
-
-    try:
-        yield from tensors
-    except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:
-        if damaged := files.damaged_file():
-            path, problem = damaged
-            raise BitsAndBytesCheckpointError(
-                f"The weights file {path} {problem}; re-download or re-export "
-                "that file."
-            ) from err
-        raise BitsAndBytesCheckpointError(
-            f"A weights file of the checkpoint {files.location} cannot be read "
-            f"({error_summary(err)}); re-download or re-export the checkpoint."
-        ) from err
