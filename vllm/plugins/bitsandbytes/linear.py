@@ -20,13 +20,14 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
-from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
+from vllm.plugins.bitsandbytes.shard_indexer import (
+    VALUES_PER_PACKED_BYTE,
+    ProportionalShardIndexer,
+)
 from vllm.utils.torch_utils import direct_register_custom_op
 
 logger = init_logger(__name__)
 
-# Two 4-bit values share each byte of the uint8 storage.
-VALUES_PER_PACKED_BYTE = 2
 # bitsandbytes computes in bfloat16 for both weight formats.
 COMPUTE_DTYPE = torch.bfloat16
 # The first forward is the memory-profiling run and the second the first real
