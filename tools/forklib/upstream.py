@@ -25,12 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
 from . import git, lint
+from . import target as targets
 from .base import CONFIG, REPO, Base, log
 from .series import (
     BINARY_SUFFIXES,
@@ -44,6 +46,7 @@ from .series import (
     touched_paths,
 )
 from .series import series as fork_series
+from .target import Target
 
 IMPORT_ALL = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
 # Files of this repository kept at vLLM's paths below this directory.
@@ -63,6 +66,14 @@ PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 FORK_HEADER_FIELDS = (
     "Forwarded:", "Origin:", "Bug:", "Applied-Upstream:", "Last-Update:",
 )  # fmt: skip
+# Why an exported test cannot run on a target here: a release published only
+# for CUDA finds no device on a machine without one (vLLM resolves
+# UnspecifiedPlatform, whose device type is ""), so a test that builds a
+# VllmConfig or a torch device from it fails before any code of the series
+# runs. Its CpuPlatform is no way out: from 0.34 it refuses x86 without
+# triton-cpu, which PyPI does not publish. Failures that say anything else
+# fail the check.
+NO_DEVICE = ("Failed to infer device type", "Device string must not be empty")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,8 @@ class Series:
     directory: Path
     patches: list[Path]
     size: Size
+    # The vLLM release the series applies to.
+    version: str = CONFIG["fork"]["base_version"]
     # What check-upstream measured, one line each, for the Test Result section.
     results: list[str] = field(default_factory=list)
 
@@ -338,16 +351,69 @@ def without_fork_headers(patch: str) -> str:
     return message + separator + diff
 
 
-def export_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]:
+@dataclass(frozen=True)
+class Release:
+    """What the upstream series are made for: the base, whose patches are
+    patches/, or a target, whose patches are the series replayed onto it."""
+
+    pinned: Base | Target
+    # The series' patches on this release, by their name in patches/series.
+    patches: dict[str, Path]
+    # A target: the series replayed onto it (the fork on it), and a directory
+    # holding only its metadata, so that vLLM knows its own version.
+    fork: Path | None = None
+    metadata: Path | None = None
+
+    @property
+    def version(self) -> str:
+        return self.pinned.version
+
+    @property
+    def pristine(self) -> Path:
+        return self.pinned.pristine
+
+
+def release(base: Base, target: Target | None, scratch: Path) -> Release:
+    """The base, or `target` with the series replayed onto it in `scratch`
+    with its stored resolutions (patches/targets/<version>/)."""
+    names = parse_series((PATCHES / "series").read_text())
+    if target is None:
+        return Release(base, {name: PATCHES / name for name in names})
+    tree = scratch / f"fork-{target.version}"
+    replayed = targets.materialize(target, tree)
+    if replayed.stopped_at is not None or replayed.unused:
+        problem = (
+            f"{replayed.stopped_at} stops it ({replayed.reason}: "
+            f"{', '.join(replayed.conflicts)})"
+            if replayed.stopped_at
+            else f"{', '.join(replayed.unused)} are resolutions of no patch"
+        )
+        raise SystemExit(
+            f"the series does not replay onto vLLM {target.version} with "
+            f"{targets.shown(target.resolutions)}: {problem}. Run `tools/fork.py "
+            f"rebase --to-version {target.version}` and resolve (docs/developing.md)."
+        )
+    patches = targets.format_series(tree, scratch / "target-patches", names)
+    metadata = targets.copy_dist_info(target, scratch / "metadata")
+    return Release(target, patches, tree, metadata)
+
+
+def export_upstream(
+    base: Base, destination: Path, sign_off: str, target: Target | None = None
+) -> list[Series]:
     """Write every PR's series into `destination`/NN-name/, with PR.md, each
-    commit signed off by `sign_off` (see `submitter`)."""
+    commit signed off by `sign_off` (see `submitter`): against the base, or
+    against `target`."""
     with tempfile.TemporaryDirectory(prefix="fork-upstream-") as scratch:
-        exported = _export(base, Path(scratch) / "tree", destination, sign_off)
+        made_for = release(base, target, Path(scratch))
+        exported = _export(made_for, Path(scratch) / "tree", destination, sign_off)
     write_descriptions(exported, destination)
     return exported
 
 
-def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Series]:
+def _export(
+    made_for: Release, tree: Path, destination: Path, sign_off: str
+) -> list[Series]:
     """`export_upstream` built in `tree`, which is left holding the result of
     all series: the snapshot the patches were made from (the fork's own files
     may be edited while a check runs)."""
@@ -359,7 +425,7 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
             "[[upstream.pr]] in tools/fork.toml does not cut the fork cleanly:\n"
             + "\n".join(problems)
         )
-    pristine_repository(base, tree)
+    pristine_repository(made_for.pinned, tree)
     repo = git.Repo(tree, signer(sign_off))
     shutil.rmtree(destination, ignore_errors=True)
     exported = []
@@ -369,7 +435,9 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
         for name in pr.patches:
             mails.append(tree.parent / "mails" / name)
             mails[-1].parent.mkdir(exist_ok=True)
-            mails[-1].write_text(without_fork_headers((PATCHES / name).read_text()))
+            mails[-1].write_text(
+                without_fork_headers(made_for.patches[name].read_text())
+            )
         if mails and not git.am(repo, mails):
             raise SystemExit(f"{pr.name}: its patches do not apply (see above)")
         for commit in pr.commits:
@@ -393,7 +461,7 @@ def _export(base: Base, tree: Path, destination: Path, sign_off: str) -> list[Se
             added=sum(added for added, _, _ in numstat),
             removed=sum(removed for _, removed, _ in numstat),
         )
-        exported.append(Series(pr, patches[0].parent, patches, size))
+        exported.append(Series(pr, patches[0].parent, patches, size, made_for.version))
     return exported
 
 
@@ -415,7 +483,7 @@ def describe(series: Series, before: list[Series]) -> str:
         f"# {series.pr.title}\n\n"
         f"Series `{series.directory.name}`: {size.commits} commits, {size.files} "
         f"files, +{size.added}/-{size.removed} lines; applies with `git am` to "
-        f"vLLM {CONFIG['fork']['base_version']} {applies}.\n\n"
+        f"vLLM {series.version} {applies}.\n\n"
         f"## Purpose\n\n{series.pr.purpose}\n\n"
         f"## Test Plan\n\n{series.pr.test_plan}\n\n"
         f"## Test Result\n\n{result}\n"
@@ -493,25 +561,38 @@ def run_pytest(tests: list[str], env: dict[str, str], cwd: Path, *options: str) 
     return f"{outcome} ({time.perf_counter() - started:.0f} s wall)"
 
 
-def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]:
+def check_upstream(
+    base: Base, destination: Path, sign_off: str, target: Target | None = None
+) -> list[Series]:
     """Apply every series to pristine sources commit by commit, and test it.
 
     After each commit, `import vllm` and every module of vllm/ it touched must
-    import. After each series, its exported tests (PYTHONPATH: the tree) and
-    its `fork_tests` must pass and the files it touches must pass upstream's
-    lint. The final tree must equal the export's snapshot, and with the
-    fork-only patches applied on top, the fork. The series are written to
-    `destination` with the measured results in their PR.md.
+    import. After each series, the Python files it touches must compile, its
+    exported tests (PYTHONPATH: the tree) and its `fork_tests` must pass and
+    the files it touches must pass upstream's lint. The final tree must equal
+    the export's snapshot, and with the fork-only patches applied on top, the
+    fork. The series are written to `destination` with the measured results in
+    their PR.md.
+
+    Against a `target`, the series are those replayed onto it with its stored
+    resolutions, which must be exactly what the replay needs; `fork_tests`
+    (this repository's, for the base) are not run, and an exported test may
+    fail only for want of a device (`NO_DEVICE`), which the results count.
     """
     with tempfile.TemporaryDirectory(prefix="fork-bisect-") as scratch:
+        made_for = release(base, target, Path(scratch))
+        if target is not None:
+            _same_resolutions(target, made_for, Path(scratch) / "resolutions")
+        pinned = made_for.pinned
         snapshot = Path(scratch) / "export"
-        exported = _export(base, snapshot, destination, sign_off)
-        pristine_repository(base, Path(scratch) / "upstream")
+        exported = _export(made_for, snapshot, destination, sign_off)
+        pristine_repository(pinned, Path(scratch) / "upstream")
         repo = git.Repo(Path(scratch) / "upstream", signer(sign_off))
         tree = repo.path
+        path = [str(tree)] + ([str(made_for.metadata)] if made_for.metadata else [])
         env = {
             **os.environ,
-            "PYTHONPATH": str(tree),
+            "PYTHONPATH": os.pathsep.join(path),
             "VLLM_PLUGINS": "",
             "HF_HUB_OFFLINE": "1",
         }
@@ -523,14 +604,14 @@ def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]
                 for series in exported
                 for patch in series.patches
                 for name in module_names(list(touched_paths(patch)))
-                if upstream_has(base, name)
+                if upstream_has(pinned, name)
             }
         )
         log(f"probing {len(touched_anywhere)} modules on pristine sources")
         importable_upstream = importable(touched_anywhere, env)
         environment = (
             f"Python {platform.python_version()}, {platform.machine()} CPU "
-            f"({os.cpu_count()} cores), {base.filename}"
+            f"({os.cpu_count()} cores), {pinned.filename}"
         )
         for series in exported:
             start = repo.output("rev-parse", "HEAD").strip()
@@ -544,29 +625,34 @@ def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]
                 modules = ["vllm"] + [
                     name
                     for name in module_names(touched.split())
-                    if name in importable_upstream or not upstream_has(base, name)
+                    if name in importable_upstream or not upstream_has(pinned, name)
                 ]
                 log(f"{series.directory.name}/{patch.name}: {len(modules)} modules")
                 subprocess.run(
                     [sys.executable, "-c", IMPORT_ALL, *modules], check=True, env=env
                 )
                 imported += len(modules)
+            compiled = _compile_series(repo, f"{start}..HEAD")
             series.results += [
                 f"Environment: {environment}; measured by `tools/fork.py "
                 f"check-upstream` on {time.strftime('%Y-%m-%d')}.",
-                f"`git am` onto vLLM 0.32.0 after the previous series: "
+                f"`git am` onto vLLM {made_for.version} after the previous series: "
                 f"{len(series.patches)} of {len(series.patches)} commits apply; "
                 f"after each, `import vllm` and the modules it touches import "
-                f"({imported} imports in all).",
+                f"({imported} imports in all); the {compiled} Python files the "
+                "series touches compile.",
             ]
             if series.pr.tests:
-                outcome = run_pytest(series.pr.tests, env, tree)
+                if target is None:
+                    outcome = run_pytest(series.pr.tests, env, tree)
+                else:
+                    outcome = run_pytest_without_device(series.pr.tests, env, tree)
                 log(f"{series.directory.name}: {outcome}")
                 series.results.append(
                     f"`pytest {' '.join(series.pr.tests)}` on the tree after this "
                     f"series: {outcome}."
                 )
-            if series.pr.fork_tests:
+            if series.pr.fork_tests and target is None:
                 # Engine runs are the oracle's job, not a per-series check's.
                 # The series added the plugin, so its entry point may load.
                 outcome = run_pytest(
@@ -581,22 +667,114 @@ def check_upstream(base: Base, destination: Path, sign_off: str) -> list[Series]
                     f"This repository's `pytest -m 'not engine' "
                     f"{' '.join(series.pr.fork_tests)}` on that tree: {outcome}."
                 )
-            series.results.append(_lint_series(base, repo, f"{start}..HEAD"))
+            elif series.pr.fork_tests:
+                series.results.append(
+                    f"This repository's tests of the PR ({len(series.pr.fork_tests)} "
+                    f"files) are written for the fork's base, vLLM "
+                    f"{base.version}, and run there, not on {made_for.version}."
+                )
+            series.results.append(_lint_series(pinned, repo, f"{start}..HEAD"))
         _compare(tree, snapshot, "the upstream series do not reproduce their export")
         if fork_only():
-            if not git.am(repo, [PATCHES / name for name in fork_only()]):
+            mails = [made_for.patches[name] for name in fork_only()]
+            if not git.am(repo, mails):
                 raise SystemExit("the fork-only patches do not apply after the series")
-            _same_as_fork(base, tree, Path(scratch) / "fork")
+            fork = made_for.fork or materialize(base, Path(scratch) / "fork")
+            _same_as_fork(tree, fork)
     write_descriptions(exported, destination)
     log(
         f"upstream series OK: {len(exported)} series, "
-        f"{sum(len(s.patches) for s in exported)} commits, each imports and the "
-        f"series pass their tests; written to {destination}"
+        f"{sum(len(s.patches) for s in exported)} commits on vLLM "
+        f"{made_for.version}, each imports and the series pass their tests; "
+        f"written to {destination}"
     )
     return exported
 
 
-def _lint_series(base: Base, repo: git.Repo, revisions: str) -> str:
+def _same_resolutions(target: Target, made_for: Release, scratch: Path) -> None:
+    """The target's stored resolutions are what its replay needs, byte for byte."""
+    assert made_for.fork is not None
+    targets.export(made_for.fork, scratch)
+    stored = target.resolutions
+    names = sorted(
+        {p.name for p in scratch.glob("*")} | {p.name for p in stored.glob("*")}
+    )
+    differing = [
+        name
+        for name in names
+        if not (scratch / name).exists()
+        or not (stored / name).exists()
+        or not filecmp.cmp(scratch / name, stored / name, shallow=False)
+    ]
+    if differing:
+        raise SystemExit(
+            f"{targets.shown(stored)} is not what the replay produces: "
+            f"{differing}; run `tools/fork.py export --upstream-version "
+            f"{target.version}` on the replayed tree (docs/developing.md)."
+        )
+    log(f"{len(names)} resolutions of {targets.shown(stored)} re-export identically")
+
+
+def _compile_series(repo: git.Repo, revisions: str) -> int:
+    """Compile every Python file `revisions` adds or changes; how many."""
+    changes = git.changes(repo, revisions)
+    files = lint.python_files([p for p, kind in changes.items() if kind != "D"])
+    for path in files:
+        source = (repo.path / path).read_text()
+        try:
+            compile(source, path, "exec", dont_inherit=True)
+        except SyntaxError as error:
+            raise SystemExit(f"{path} does not compile: {error}") from None
+    return len(files)
+
+
+def run_pytest_without_device(tests: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run pytest where no device exists: every failure must be for want of
+    one (`NO_DEVICE`); the summary says how many passed and how many could
+    not run."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fork-pytest-") as scratch:
+        report = Path(scratch) / "junit.xml"
+        result = subprocess.run(
+            [*PYTEST, f"--junitxml={report}", "-o", "junit_logging=all", *tests],
+            env=env, cwd=cwd, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        if not report.exists():
+            raise SystemExit(f"pytest {' '.join(tests)} did not run:\n{result.stdout}")
+        cases = list(ElementTree.parse(report).iter("testcase"))
+    passed, no_device, failed = 0, [], []
+    for case in cases:
+        problems = [case.find(kind) for kind in ("failure", "error")]
+        problems = [problem for problem in problems if problem is not None]
+        if not problems:
+            passed += case.find("skipped") is None
+            continue
+        text = " ".join(
+            (element.get("message") or "") + (element.text or "")
+            for element in [
+                *problems,
+                *case.iter("system-err"),
+                *case.iter("system-out"),
+            ]
+        )
+        name = f"{case.get('classname')}::{case.get('name')}"
+        (no_device if any(m in text for m in NO_DEVICE) else failed).append(name)
+    if failed or result.returncode not in (0, 1):
+        raise SystemExit(
+            f"pytest {' '.join(tests)} failed ({', '.join(failed)}):\n"
+            f"{result.stdout[-6000:]}"
+        )
+    outcome = f"{passed} passed"
+    if no_device:
+        outcome += (
+            f"; {len(no_device)} cannot run without a device (they build a "
+            "VllmConfig, which a machine without CUDA cannot for this release)"
+        )
+    return f"{outcome} ({time.perf_counter() - started:.0f} s wall)"
+
+
+def _lint_series(base: Base | Target, repo: git.Repo, revisions: str) -> str:
     """Upstream's lint on the Python files a series touches, as a result line."""
     changes = git.changes(repo, revisions)
     # A file upstream lacks is held to being clean, even if a series edits it.
@@ -615,13 +793,12 @@ def _lint_series(base: Base, repo: git.Repo, revisions: str) -> str:
     )
 
 
-def _same_as_fork(base: Base, tree: Path, scratch: Path) -> None:
-    """Every file patches/ changes is in `tree` as in the materialized fork.
+def _same_as_fork(tree: Path, fork: Path) -> None:
+    """Every file patches/ changes is in `tree` as in the fork's tree `fork`.
 
     The fork's own files are compared with the export's snapshot instead:
     they may be edited while the check runs.
     """
-    fork = materialize(base, scratch)
     differing = [
         path
         for path, change in series_changes(fork_series()).items()
@@ -645,7 +822,7 @@ def _compare(tree: Path, expected: Path, failure: str) -> None:
         raise SystemExit(f"{failure}:\n{differences}")
 
 
-def upstream_has(base: Base, module: str) -> bool:
+def upstream_has(base: Base | Target, module: str) -> bool:
     """Whether pristine `base` has the module (a package or a .py file)."""
     location = base.pristine / Path(*module.split("."))
     return location.is_dir() or location.with_suffix(".py").exists()
