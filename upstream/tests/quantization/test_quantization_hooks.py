@@ -29,8 +29,10 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.quantization.torchao import TorchAOConfig
 from vllm.model_executor.model_loader.weight_utils import get_quant_config
 from vllm.model_executor.models.siglip import SiglipMLP
+from vllm.model_executor.models.utils import get_tower_quant_config
 from vllm.v1.metrics.perf import (
     AttentionQuantizationConfigParser,
     FfnQuantizationConfigParser,
@@ -238,3 +240,39 @@ def test_any_weight_shape_lets_a_tower_quantize_unaligned_layers(
         mlp = SiglipMLP(config, quant_config=quant_config, prefix="mlp")
     for layer in (mlp.fc1, mlp.fc2):
         assert isinstance(layer.quant_method, MarkedLinearMethod) is quantized
+
+
+class CompressedTensorsNamed(PlainConfig):
+    """Named like compressed-tensors, with the hook's default."""
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "compressed-tensors"
+
+
+ALIGNED = SiglipVisionConfig(hidden_size=64, intermediate_size=128)
+UNALIGNED = SiglipVisionConfig(hidden_size=40, intermediate_size=72)
+
+
+def test_torchao_declares_that_it_quantizes_towers_of_any_shape() -> None:
+    torchao = TorchAOConfig(torchao_config=None)
+    assert torchao.supports_any_weight_shape() is True
+    assert get_tower_quant_config(UNALIGNED, torchao) is torchao
+
+
+@pytest.mark.parametrize(
+    ("tower", "quantized"), [(ALIGNED, True), (UNALIGNED, False), (None, False)]
+)
+def test_other_methods_quantize_only_towers_of_aligned_sizes(
+    tower: SiglipVisionConfig | None, quantized: bool
+) -> None:
+    config = PlainConfig()
+    assert (get_tower_quant_config(tower, config) is config) is quantized
+    assert get_tower_quant_config(tower, None) is None
+
+
+def test_a_method_named_by_the_caller_quantizes_any_shape() -> None:
+    """The Gemma 4 towers name compressed-tensors; SigLIP's MLP does not."""
+    config = CompressedTensorsNamed()
+    assert get_tower_quant_config(UNALIGNED, config) is None
+    assert get_tower_quant_config(UNALIGNED, config, ("compressed-tensors",)) is config
