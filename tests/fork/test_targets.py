@@ -95,8 +95,12 @@ def test_a_conflict_stops_the_replay_and_its_resolution_is_kept(tmp_path: Path):
     # What a person does: resolve, `git add`, run the command again.
     (tree / "vllm" / "loader.py").write_text(RESOLVED)
     git.Repo(tree).run("add", "vllm/loader.py")
+    (tree / "vllm" / "__pycache__").mkdir()
+    (tree / "vllm" / "__pycache__" / "loader.pyc").write_bytes(b"cache")
     result = targets.resume(tree, {})
-    assert (result.replayed, result.stopped_at) == ([conflicting], None)
+    # The patch's commit holds its change, not what a run left in the tree.
+    assert git.changes(git.Repo(tree), "HEAD~1..HEAD") == {"vllm/loader.py": "M"}
+    assert (result.replayed, result.stopped_at) == ([clean, conflicting], None)
     assert not targets.pending(tree)
 
     kept = tmp_path / "kept"

@@ -86,6 +86,18 @@ def apply(repo: Repo, diff: str) -> bool:
     return result.returncode == 0
 
 
+def diff_paths(repo: Repo, diff: str) -> list[str]:
+    """The paths a diff changes (as `git apply --numstat` reads it)."""
+    result = subprocess.run(
+        ["git", "-C", str(repo.path), "apply", "--numstat", "-"],
+        input=diff,
+        text=True,
+        check=True,
+        stdout=subprocess.PIPE,
+    )
+    return [line.split("\t", 2)[2] for line in result.stdout.splitlines()]
+
+
 def format_patch(repo: Repo, revisions: str, out: Path, *options: str) -> list[Path]:
     """`git format-patch` of `revisions` into `out`; the files written."""
     written = repo.output("format-patch", *options, "-o", str(out), revisions)

@@ -146,6 +146,8 @@ def check_resolutions(
 class TargetReplay:
     """Where replaying the series onto a target got to."""
 
+    # The patches on the target so far, and those of this run that took a
+    # stored resolution.
     replayed: list[str] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)
     stopped_at: str | None = None
@@ -163,6 +165,8 @@ def prepare(
     repo = new_repository(
         tree, old_pristine, old_message, OLD_BASE_TAG, link_binaries=False
     )
+    # No background `gc --auto` while the replay and a person work here.
+    repo.run("config", "gc.auto", "0")
     repo = git.Repo(tree, (*IDENTITY, "core.editor=true"))
     if patches and not git.am(repo, patches):
         raise SystemExit(
@@ -229,7 +233,9 @@ def has_markers(path: Path) -> bool:
 
 
 def _commit(repo: git.Repo, original: str, name: str) -> None:
-    repo.run("add", "-A")
+    """Commit what is staged and the changes to tracked files (a person's
+    resolution), never untracked files (caches of a run in the tree)."""
+    repo.run("add", "-u")
     if not repo.output("diff", "--cached", "--name-only").strip():
         raise SystemExit(
             f"{name} changes nothing on this target (upstream has its change): "
@@ -254,6 +260,10 @@ def advance(repo: git.Repo, resolutions: dict[str, str]) -> TargetReplay:
                     repo, result, name, conflicts,
                     "its stored resolution no longer applies",
                 )  # fmt: skip
+            paths = [
+                p for p in git.diff_paths(repo, resolution) if (repo.path / p).exists()
+            ]
+            repo.run("add", "--", *paths)
             result.resolved.append(name)
         unresolved = [p for p in conflicts if has_markers(repo.path / p)]
         if unresolved or (conflicts and resolution is None):
@@ -263,7 +273,7 @@ def advance(repo: git.Repo, resolutions: dict[str, str]) -> TargetReplay:
                 + (" where its stored resolution leaves markers" if resolution else ""),
             )  # fmt: skip
         _commit(repo, todo[index], name)
-        result.replayed.append(name)
+    result.replayed = names
     _state(repo).unlink(missing_ok=True)
     result.unused = sorted(set(resolutions) - set(names))
     return result
@@ -274,6 +284,7 @@ def _stop(
     reason: str,
 ) -> TargetReplay:  # fmt: skip
     _state(repo).write_text(f"{name}\n")
+    result.replayed = series_names(repo)[: len(replayed_commits(repo))]
     result.stopped_at, result.conflicts, result.reason = name, conflicts, reason
     return result
 
@@ -304,9 +315,7 @@ def resume(tree: Path, resolutions: dict[str, str]) -> TargetReplay:
             "(edit, then `git add` each file)."
         )
     _commit(repo, originals(repo)[index], names[index])
-    result = advance(repo, resolutions)
-    result.replayed.insert(0, names[index])
-    return result
+    return advance(repo, resolutions)
 
 
 def materialize(
