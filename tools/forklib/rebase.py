@@ -167,6 +167,11 @@ def rebase(
         )
         return rebase_target(version, sha256s.get("cuda"), tree)
     tree = base_tree
+    if version in targets.targets():
+        log(
+            f"{version} was a target: once the base is on it, remove "
+            f'[target."{version}"] from tools/fork.toml and patches/targets/{version}/'
+        )
     pins = {
         flavor: download_base(Base.load(flavor), version, sha256s.get(flavor))
         for flavor in CONFIG["base"]

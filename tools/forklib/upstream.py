@@ -68,11 +68,12 @@ FORK_HEADER_FIELDS = (
 )  # fmt: skip
 # Why an exported test cannot run on a target here: a release published only
 # for CUDA finds no device on a machine without one (vLLM resolves
-# UnspecifiedPlatform, whose device type is ""), so a test that builds a
-# VllmConfig or a torch device from it fails before any code of the series
-# runs. Its CpuPlatform is no way out: from 0.34 it refuses x86 without
-# triton-cpu, which PyPI does not publish. Failures that say anything else
-# fail the check.
+# UnspecifiedPlatform, whose device type is ""), so VllmConfig() fails in
+# DeviceConfig(device="auto") with the first message, and
+# EngineArgs.create_engine_config() with the second (torch.device("")),
+# before any code of the series runs. Its CpuPlatform is no way out: from
+# 0.34 it refuses x86 without triton-cpu, which PyPI does not publish.
+# Failures that say anything else fail the check.
 NO_DEVICE = ("Failed to infer device type", "Device string must not be empty")
 
 
