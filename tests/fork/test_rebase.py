@@ -16,18 +16,10 @@ from forklib.base import CONFIG_PATH
 from forklib.rebase import OLD_BASE_TAG, replay, update_pins
 from forklib.series import BASE_TAG, IDENTITY, export, new_repository, series
 
+from tests.fork.toy_releases import CLEAN, CONFLICTING, LAYERS, LOADER, write
+
 REPO = Path(__file__).resolve().parents[2]
-LOADER = "def load(path):\n    return open(path, 'rb').read()\n"
 INIT = 'VERSION = 1\n\n\n"""The package."""\n\n\nimport os\n'
-LAYERS = "".join(f"def layer_{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
-
-
-def write(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / "vllm" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
 
 
 def releases(tmp_path: Path) -> tuple[Path, Path]:
@@ -58,8 +50,6 @@ def make_series(tmp_path: Path, old: Path, edits: dict[str, dict[str, str]]) -> 
     return tmp_path / "patches"
 
 
-CLEAN = {"layers.py": LAYERS.replace("x + 1\n", "x + 1  # hooked\n")}
-CONFLICTING = {"loader.py": LOADER.replace("open(path, 'rb')", "reader(path)")}
 UPSTREAMED = {"__init__.py": INIT + "HOOKS = True\n"}
 
 

@@ -21,17 +21,9 @@ from forklib.base import CONFIG_PATH, fetch
 from forklib.series import BASE_TAG, IDENTITY, export, new_repository, series
 from forklib.upstream import NO_DEVICE, run_pytest_without_device
 
-LOADER = "def load(path):\n    return open(path, 'rb').read()\n"
-LAYERS = "".join(f"def layer_{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
+from tests.fork.toy_releases import CLEAN, CONFLICTING, LAYERS, LOADER, write
+
 UTILS = "def helper(x):\n    return x\n"
-
-
-def write(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = root / "vllm" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
 
 
 def releases(tmp_path: Path) -> tuple[Path, Path]:
@@ -52,8 +44,6 @@ def releases(tmp_path: Path) -> tuple[Path, Path]:
     return old, new
 
 
-CLEAN = {"layers.py": LAYERS.replace("x + 1\n", "x + 1  # hooked\n")}
-CONFLICTING = {"loader.py": LOADER.replace("open(path, 'rb')", "reader(path)")}
 RESOLVED = LOADER.replace("open(path, 'rb')", "reader(Path(path))")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from .base import (
 from .series import (
     BASE_TAG,
     BRANCH,
+    Replay,
     base_message,
     import_sources,
     link_overlay,
@@ -49,16 +49,6 @@ from .series import (
 
 OLD_BASE_TAG = "base-old"
 UPSTREAM_BRANCH = "upstream"
-
-
-@dataclass
-class Replay:
-    """Where replaying the series onto a new base got to."""
-
-    replayed: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    stopped_at: str | None = None
-    conflicts: list[str] = field(default_factory=list)
 
 
 def replay(

@@ -13,10 +13,22 @@ import filecmp
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import git
 from .base import REPO, Base, log, unpack_pristine
+
+
+@dataclass
+class Replay:
+    """Where replaying the series onto another release got to."""
+
+    replayed: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    stopped_at: str | None = None
+    conflicts: list[str] = field(default_factory=list)
+
 
 PATCHES = REPO / "patches"
 OVERLAY = REPO / "vllm"

@@ -37,6 +37,7 @@ from .series import (
     IDENTITY,
     PATCH_CONTEXT_LINES,
     PATCHES,
+    Replay,
     base_message,
     import_sources,
     link_overlay,
@@ -143,15 +144,12 @@ def check_resolutions(
 
 
 @dataclass
-class TargetReplay:
-    """Where replaying the series onto a target got to."""
+class TargetReplay(Replay):
+    """Where replaying the series onto a target got to; a target never
+    drops a patch."""
 
-    # The patches on the target so far, and those of this run that took a
-    # stored resolution.
-    replayed: list[str] = field(default_factory=list)
+    # The patches of this run that took a stored resolution.
     resolved: list[str] = field(default_factory=list)
-    stopped_at: str | None = None
-    conflicts: list[str] = field(default_factory=list)
     reason: str = ""
     unused: list[str] = field(default_factory=list)
 
