@@ -15,6 +15,9 @@ it, median of the repetitions, in one run:
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
   per merged layer, bitsandbytes' GEMV below `MIN_TRITON_TOKENS` tokens, the
   Triton dequantization and cuBLAS from there on;
+- ``fused``: `triton_4bit.fused_matmul`, decoding in registers and
+  multiplying on the tensor cores at every batch size (not selected by
+  ``plugin`` until measured here);
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -158,6 +161,9 @@ class Layer:
     def plugin(self, x):
         return kernels.matmul(x, self.merged)
 
+    def fused(self, x):
+        return kernels.fused_matmul(x, self.merged)
+
     def triton(self, x):
         merged = self.merged
         weights = kernels.dequantize(
@@ -186,7 +192,7 @@ def relative_error(out, reference):
     return float((out.float() - reference).norm() / reference.norm())
 
 
-SIDES = ("plugin", "triton", "bnb", "bnb_merged", "bf16", "limit")
+SIDES = ("plugin", "fused", "triton", "bnb", "bnb_merged", "bf16", "limit")
 
 
 def measure_layers(layers, batches):
@@ -201,11 +207,13 @@ def measure_layers(layers, batches):
                 "batch": batch,
                 "limit_us": layer.limit_us,
                 "plugin_us": graph_us(layer.plugin, x),
+                "fused_us": graph_us(layer.fused, x),
                 "triton_us": graph_us(layer.triton, x),
                 "bnb_us": graph_us(layer.bnb, x, out),
                 "bnb_merged_us": graph_us(layer.bnb_merged, x),
                 "bf16_us": graph_us(F.linear, x, layer.weight_bf16),
                 "plugin_rel_err": relative_error(layer.plugin(x), reference),
+                "fused_rel_err": relative_error(layer.fused(x), reference),
                 "triton_rel_err": relative_error(layer.triton(x), reference),
                 "bnb_rel_err": relative_error(layer.bnb(x, out), reference),
             }
@@ -351,14 +359,15 @@ def chart(summary, path):
     series = [
         ("bnb", "bitsandbytes today (per shard)"),
         ("plugin", "plugin on CUDA (one call per merged layer)"),
+        ("fused", "fused Triton kernel"),
         ("bf16", "bf16 cuBLAS"),
         ("limit", "HBM limit of the 4-bit bytes"),
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.2
+    width = 0.16
     for i, (key, label) in enumerate(series):
         ax.bar(
-            [j + (i - 1.5) * width for j in range(len(batches))],
+            [j + (i - 2) * width for j in range(len(batches))],
             [s[f"{key}_us"] for s in summary],
             width,
             label=label,
@@ -410,14 +419,18 @@ def main(argv=None):
     report["wall_s"] = time.time() - started
     (args.out / "gpu_4bit.json").write_text(json.dumps(report, indent=1))
     print(
-        "\nµs per decoder layer | " + " | ".join(SIDES) + " | plugin/bnb | plugin/bf16"
+        "\nµs per decoder layer | "
+        + " | ".join(SIDES)
+        + " | plugin/bnb | plugin/bf16 | fused/bf16 | fused/limit"
     )
     for total in report["decoder_layer"]:
         cells = " | ".join(f"{total[f'{side}_us']:.1f}" for side in SIDES)
         print(
             f"batch {total['batch']:3d} | {cells} | "
             f"{total['plugin_us'] / total['bnb_us']:.2f} | "
-            f"{total['plugin_us'] / total['bf16_us']:.2f}"
+            f"{total['plugin_us'] / total['bf16_us']:.2f} | "
+            f"{total['fused_us'] / total['bf16_us']:.2f} | "
+            f"{total['fused_us'] / total['limit_us']:.2f}"
         )
     try:
         chart(report["decoder_layer"], args.out / "gpu_4bit.png")

@@ -14,8 +14,16 @@ of each shard as stored: the Triton kernel must multiply by exactly those
 bfloat16 values, and a float32 matmul of them is the reference for its
 products. Below `MIN_TRITON_TOKENS` the path is bitsandbytes' own
 `matmul_4bit`, called once for the merged layer instead of once per shard.
+
+The fused kernel's decode is inline PTX, which the interpreter cannot run
+(it runs the kernel's table-load decode instead). `PtxEmulator` executes
+that PTX instruction by instruction on the CPU, as the PTX ISA defines each
+instruction, so the decode the GPU runs is checked here too.
 """
 
+import operator
+
+import numpy as np
 import pytest
 import torch
 from bitsandbytes import matmul_4bit
@@ -85,15 +93,137 @@ class MergedLayer:
         )
 
 
+class PtxEmulator:
+    """Runs the straight-line PTX of `triton_4bit` on numpy uint32 lanes.
+
+    Only the instructions that PTX uses, with the semantics of the PTX ISA:
+    `prmt` in its default mode (selector bit 3 replicates the chosen byte's
+    sign bit), `lop3` with its truth table, `cvt.rn.bf16x2.f32` (first
+    source in the upper half, round to nearest even), `mul.rn.f32`.
+    """
+
+    SHIFTS_AND_MASKS = {
+        "and.b32": operator.and_,
+        "shl.b32": operator.lshift,
+        "shr.b32": operator.rshift,
+    }
+
+    def __init__(self, operands):
+        # $i -> uint32 lanes (float32 operands are kept as float32 lanes)
+        self.registers = {f"${i}": value for i, value in enumerate(operands)}
+
+    def value(self, token):
+        token = token.strip()
+        if token in self.registers:
+            return self.registers[token]
+        return np.uint32(int(token, 0))
+
+    @staticmethod
+    def prmt(a, b, selector):
+        source = (b.astype(np.uint64) << 32) | a.astype(np.uint64)
+        out = np.zeros_like(a, dtype=np.uint32)
+        for byte in range(4):
+            nibble = (selector >> (4 * byte)) & 15
+            picked = (source >> (8 * (nibble & 7)).astype(np.uint64)) & 0xFF
+            sign = np.where(picked & 0x80, 0xFF, 0)
+            picked = np.where(nibble & 8, sign, picked).astype(np.uint32)
+            out |= picked << (8 * byte)
+        return out
+
+    @staticmethod
+    def lop3(a, b, c, table):
+        out = np.zeros_like(a, dtype=np.uint32)
+        for term in range(8):
+            if table >> term & 1:
+                out |= (
+                    (a if term & 4 else ~a)
+                    & (b if term & 2 else ~b)
+                    & (c if term & 1 else ~c)
+                )
+        return out
+
+    @staticmethod
+    def bfloat16_bits(value):
+        rounded = torch.from_numpy(np.asarray(value, np.float32)).to(torch.bfloat16)
+        return rounded.view(torch.int16).numpy().astype(np.uint32) & 0xFFFF
+
+    def run(self, ptx):
+        for line in ptx.splitlines():
+            line = line.strip().rstrip(";")
+            if line in ("{", "}") or line.startswith(".reg"):
+                continue
+            opcode, rest = line.split(None, 1)
+            target, *args = [token.strip() for token in rest.split(",")]
+            if opcode == "mul.rn.f32":
+                a, b = (np.float32(self.value(arg)) for arg in args)
+                self.registers[target] = a * b
+                continue
+            if opcode == "cvt.rn.bf16x2.f32":
+                high, low = (self.bfloat16_bits(self.value(arg)) for arg in args)
+                result = (high << 16) | low
+            elif opcode == "prmt.b32":
+                result = self.prmt(*(self.value(arg) for arg in args))
+            elif opcode == "lop3.b32":
+                a, b, c = (self.value(arg) for arg in args[:3])
+                result = self.lop3(a, b, c, int(args[3], 0))
+            else:
+                a, b = (self.value(arg) for arg in args)
+                result = self.SHIFTS_AND_MASKS[opcode](a, b)
+            self.registers[target] = np.asarray(result).astype(np.uint32)
+        return self.registers
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_decode_ptx_gives_bitsandbytes_weights(quant_type):
+    """The compiled kernel's decode, emulated: every nibble value at every
+    position of a word, and random words, under random block absmax."""
+    generator = torch.Generator().manual_seed(3)
+    every_value = [value * 0x11111111 for value in range(16)]
+    random_words = torch.randint(0, 2**32, (8 * 126,), generator=generator)
+    words = np.array(every_value + random_words.tolist(), dtype=np.uint32)
+    absmax = (torch.rand(len(words) // 8, generator=generator) * 4 + 1e-3).float()
+    # bitsandbytes' weights: 8 words (64 values) per block of absmax.
+    state = QuantState(
+        absmax=absmax,
+        shape=(8 * len(words),),
+        blocksize=64,
+        quant_type=quant_type,
+        dtype=torch.bfloat16,
+    )
+    packed = torch.from_numpy(words.view(np.uint8).copy()).reshape(-1, 1)
+    expected = dequantize_4bit(packed, state).reshape(-1, 8)
+
+    codes = kernels.decode_table(quant_type, torch.device("cpu")).numpy()
+    word_absmax = absmax.repeat_interleave(8).numpy()
+    tables = PtxEmulator([None] * 8 + [word_absmax, *codes]).run(
+        kernels._TABLE_PTX.value
+    )
+    registers = PtxEmulator(
+        [None] * 4 + [words] + [tables[f"${i}"] for i in range(8)]
+    ).run(kernels._DECODE_PTX.value)
+    # Each pair holds two consecutive columns, the first in its low half.
+    pairs = np.stack([registers[f"${i}"] for i in range(4)], axis=1)
+    bits = np.stack([pairs & 0xFFFF, pairs >> 16], axis=2).astype(np.uint16)
+    bits = bits.reshape(-1, 8).astype(np.int16)
+    decoded = torch.from_numpy(bits).view(torch.bfloat16)
+    # torch.equal: every value identical (FP4's -0.0 equals 0.0).
+    assert torch.equal(decoded, expected)
+
+
 if ON_GPU:
     # Llama-3-8B: q/k/v, o, gate/up, down.
     SHAPES = [([4096, 1024, 1024], 4096), ([4096], 4096), ([14336] * 2, 4096)]
     SHAPES.append(([4096], 14336))
     TRITON_BATCHES = [4, 16, 17, 64, 256]
+    FUSED_BATCHES = [1, 2, 4, 16, 17, 64, 256]
+    # (None: as many ranges of K as fill the GPU)
+    FUSED_SPLITS = [None, 1]
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
     TRITON_BATCHES = [kernels.MIN_TRITON_TOKENS, 17]
+    FUSED_BATCHES = [1, 3, 17, 130]
+    FUSED_SPLITS = [1, 3]
 FORMATS = [
     ("nf4", True, 64),
     ("nf4", False, 64),
@@ -137,20 +267,79 @@ def test_dequantized_weights_equal_bitsandbytes(layers):
         assert torch.equal(layer.dequantize(), layer.reference)
 
 
+def assert_matches_float32_reference(out, x, reference):
+    expected = x.float() @ reference.float().T
+    # The output is rounded to bfloat16: half an ulp, at most 2**-8 of the
+    # value. Each side's float32 sum is off by at most
+    # K * 2**-24 * sum|x * w|.
+    magnitude = x.float().abs() @ reference.float().abs().T
+    rounding = 2 * x.shape[1] * 2**-24 * magnitude
+    error = (out.float() - expected).abs()
+    assert out.dtype == torch.bfloat16
+    assert torch.all(error <= 2**-8 * expected.abs() + rounding)
+
+
 @pytest.mark.parametrize("tokens", TRITON_BATCHES)
 def test_matmul_matches_float32_reference(layers, tokens):
     for index, layer in enumerate(layers):
         x = random_input(tokens, layer.reference.shape[1], seed=tokens + index)
-        out = kernels.matmul(x, layer.merged)
-        expected = x.float() @ layer.reference.float().T
-        # The output is rounded to bfloat16: half an ulp, at most 2**-8 of
-        # the value. Each side's float32 sum is off by at most
-        # K * 2**-24 * sum|x * w|.
-        magnitude = x.float().abs() @ layer.reference.float().abs().T
-        rounding = 2 * x.shape[1] * 2**-24 * magnitude
-        error = (out.float() - expected).abs()
-        assert out.dtype == torch.bfloat16
-        assert torch.all(error <= 2**-8 * expected.abs() + rounding)
+        assert_matches_float32_reference(
+            kernels.matmul(x, layer.merged), x, layer.reference
+        )
+
+
+def fused_layers(layers):
+    """The layers the fused kernel takes; it refuses the others."""
+    for layer in layers:
+        if kernels.supports_fused(layer.merged):
+            yield layer
+        else:
+            x = random_input(1, layer.reference.shape[1], seed=0)
+            with pytest.raises(ValueError, match="multiple of 64"):
+                kernels.fused_matmul(x, layer.merged)
+
+
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+@pytest.mark.parametrize("tokens", FUSED_BATCHES)
+def test_fused_matmul_matches_float32_reference(layers, tokens, split):
+    for index, layer in enumerate(fused_layers(layers)):
+        x = random_input(tokens, layer.reference.shape[1], seed=tokens + index)
+        out = kernels.fused_matmul(x, layer.merged, split=split)
+        assert_matches_float32_reference(out, x, layer.reference)
+
+
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_fused_matmul_multiplies_by_the_exact_weights(layers, split):
+    """One-hot rows of x pick single weights: the product is that weight."""
+    for layer in fused_layers(layers):
+        columns = layer.reference.shape[1]
+        x, picked = one_hot_rows(16, columns)
+        out = kernels.fused_matmul(x, layer.merged, split=split)
+        assert torch.equal(out, layer.reference[:, picked].T)
+
+
+def test_fused_matmul_writes_all_of_out(layers):
+    for layer in fused_layers(layers):
+        x = random_input(3, layer.reference.shape[1], seed=5)
+        out = torch.full(
+            (3, layer.reference.shape[0]),
+            torch.nan,
+            dtype=torch.bfloat16,
+            device=DEVICE,
+        )
+        for split in FUSED_SPLITS:
+            out.fill_(torch.nan)
+            assert kernels.fused_matmul(x, layer.merged, out=out, split=split) is out
+            assert torch.equal(out, kernels.fused_matmul(x, layer.merged, split=1))
+
+
+def one_hot_rows(tokens, columns):
+    """x whose row i is 1 at column picked[i] and 0 elsewhere."""
+    picked = torch.randperm(columns, generator=torch.Generator().manual_seed(0))
+    picked = picked[:tokens].to(DEVICE)
+    x = torch.zeros(tokens, columns, dtype=torch.bfloat16, device=DEVICE)
+    x[torch.arange(tokens, device=DEVICE), picked] = 1
+    return x, picked
 
 
 def test_matmul_multiplies_by_the_exact_weights(layers):
@@ -158,11 +347,7 @@ def test_matmul_multiplies_by_the_exact_weights(layers):
     exactly."""
     tokens = max(16, kernels.MIN_TRITON_TOKENS)
     for layer in layers:
-        columns = layer.reference.shape[1]
-        picked = torch.randperm(columns, generator=torch.Generator().manual_seed(0))
-        picked = picked[:tokens].to(DEVICE)
-        x = torch.zeros(tokens, columns, dtype=torch.bfloat16, device=DEVICE)
-        x[torch.arange(tokens, device=DEVICE), picked] = 1
+        x, picked = one_hot_rows(tokens, layer.reference.shape[1])
         out = kernels.matmul(x, layer.merged)
         assert torch.equal(out, layer.reference[:, picked].T)
 
@@ -209,3 +394,21 @@ if ON_GPU:
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
             assert torch.equal(static_out, kernels.matmul(static_x, layer.merged))
+
+    @pytest.mark.parametrize("tokens", [1, 16, 256])
+    def test_fused_cuda_graph_replay(layers, tokens):
+        """Split-K included: the arrival counts reset themselves, so every
+        replay adds its partial sums afresh."""
+        layer = layers[0]
+        columns = layer.reference.shape[1]
+        static_x = random_input(tokens, columns, seed=1)
+        kernels.fused_matmul(static_x, layer.merged)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = kernels.fused_matmul(static_x, layer.merged)
+        for seed in (2, 3):
+            static_x.copy_(random_input(tokens, columns, seed=seed))
+            graph.replay()
+            expected = kernels.fused_matmul(static_x, layer.merged)
+            assert torch.equal(static_out, expected)
