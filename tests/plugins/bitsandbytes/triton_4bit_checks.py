@@ -318,6 +318,24 @@ def test_fused_matmul_multiplies_by_the_exact_weights(layers, split):
         assert torch.equal(out, layer.reference[:, picked].T)
 
 
+def test_fused_matmul_edge_inputs(layers):
+    """No tokens: an empty product; float16 activations are refused (the
+    decoded weights are bfloat16); a strided x is read as its values."""
+    for layer in list(fused_layers(layers))[:1]:
+        rows, columns = layer.reference.shape
+        empty = torch.empty(0, columns, dtype=torch.bfloat16, device=DEVICE)
+        assert kernels.fused_matmul(empty, layer.merged).shape == (0, rows)
+        x = random_input(3, columns, seed=7)
+        with pytest.raises(ValueError, match="bfloat16 activations"):
+            kernels.fused_matmul(x.half(), layer.merged)
+        wide = torch.zeros(3, 2 * columns, dtype=torch.bfloat16, device=DEVICE)
+        wide[:, ::2] = x
+        assert torch.equal(
+            kernels.fused_matmul(wide[:, ::2], layer.merged, split=1),
+            kernels.fused_matmul(x, layer.merged, split=1),
+        )
+
+
 def test_fused_matmul_writes_all_of_out(layers):
     for layer in fused_layers(layers):
         x = random_input(3, layer.reference.shape[1], seed=5)

@@ -499,7 +499,9 @@ def supports_fused(weight: MergedWeight) -> bool:
 
 @functools.cache
 def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed arrival counts for `tiles` tiles; the kernel leaves them zero."""
+    """Zeroed arrival counts for `tiles` tiles, shared by every call with as
+    many tiles on the device: calls on one stream run one after another, and
+    each leaves the counts zero."""
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
@@ -525,8 +527,20 @@ def fused_matmul(
             f"the fused 4-bit kernel needs blocks of a multiple of 64 "
             f"columns, not {weight.state.blocksize}"
         )
+    if x.dtype != torch.bfloat16:
+        raise ValueError(
+            f"the fused 4-bit kernel multiplies bfloat16 activations, not {x.dtype}"
+        )
     rows, columns = weight.state.shape
     tokens = x.shape[0]
+    if out is None:
+        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
+    if tokens == 0:
+        return out
+    # The kernel reads rows of x and writes rows of out with unit stride.
+    x = x.contiguous()
+    if out.stride(1) != 1:
+        raise ValueError("the fused 4-bit kernel writes an out with unit column stride")
     chunks = next(c for c in (4, 2, 1) if columns % (64 * c) == 0)
     steps = columns // (64 * chunks)
     block_m = min(128, max(16, triton.next_power_of_2(tokens)))
@@ -535,8 +549,6 @@ def fused_matmul(
         split = _split_for(x.device, grid_n * grid_m, steps)
     steps_per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, steps_per_split)
-    if out is None:
-        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
     partial = (
         torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
         if split > 1
