@@ -15,9 +15,8 @@ it, median of the repetitions, in one run:
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
   per merged layer, bitsandbytes' GEMV below `MIN_TRITON_TOKENS` tokens, the
   Triton dequantization and cuBLAS from there on;
-- ``fused``: `triton_4bit.fused_matmul`, decoding in registers and
-  multiplying on the tensor cores at every batch size (not selected by
-  ``plugin`` until measured here);
+- ``fused``: the candidate `benchmarks.fused_4bit.matmul`, decoding in
+  registers and multiplying on the tensor cores at every batch size;
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 # H200 HBM3e peak, from the datasheet: the ceiling of a memory-bound GEMV.
@@ -162,7 +162,7 @@ class Layer:
         return kernels.matmul(x, self.merged)
 
     def fused(self, x):
-        return kernels.fused_matmul(x, self.merged)
+        return fused_4bit.matmul(x, self.merged)
 
     def triton(self, x):
         merged = self.merged

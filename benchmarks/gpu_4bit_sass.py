@@ -5,7 +5,7 @@ Usage (any machine with torch and triton; no GPU, no CUDA driver)::
 
     python3 -m benchmarks.gpu_4bit_sass [--arch 90]
 
-Compiles `triton_4bit._fused_kernel` for an NVIDIA architecture (sm_90, the
+Compiles `fused_4bit.fused_kernel` for an NVIDIA architecture (sm_90, the
 H100/H200, by default) with Triton's bundled ptxas, disassembles it with its
 bundled nvdisasm, and counts the SASS instructions in the kernel's main loop
 per weight and thread, by opcode. It is a static count of the code a GPU
@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
-from vllm.plugins.bitsandbytes import triton_4bit as kernels
+from benchmarks import fused_4bit
 
 SIGNATURE = {
     "x_ptr": "*bf16",
@@ -60,13 +60,16 @@ def compile_kernel(arch, block_m, split):
     }
     constants = {
         "BLOCKSIZE": 64,
-        "BLOCK_N": kernels._FUSED_ROWS,
+        "BLOCK_N": fused_4bit.ROWS,
         "BLOCK_M": block_m,
         "CHUNKS": CHUNKS,
         "SPLIT": split,
     }
     source = ASTSource(
-        fn=kernels._fused_kernel, signature=SIGNATURE, constexprs=constants, attrs=attrs
+        fn=fused_4bit.fused_kernel,
+        signature=SIGNATURE,
+        constexprs=constants,
+        attrs=attrs,
     )
     options = {"num_warps": NUM_WARPS, "num_stages": 2 if block_m == 128 else 3}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -96,7 +99,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability")
     args = parser.parse_args(argv)
-    weights_per_thread = kernels._FUSED_ROWS * 64 * CHUNKS / (32 * NUM_WARPS)
+    weights_per_thread = fused_4bit.ROWS * 64 * CHUNKS / (32 * NUM_WARPS)
     print(f"triton {triton.__version__}, sm_{args.arch}, main loop per weight")
     for block_m in (16, 64, 128):
         loop = main_loop(get_sass(compile_kernel(args.arch, block_m, 1).asm["cubin"]))

@@ -15,8 +15,9 @@ bfloat16 values, and a float32 matmul of them is the reference for its
 products. Below `MIN_TRITON_TOKENS` the path is bitsandbytes' own
 `matmul_4bit`, called once for the merged layer instead of once per shard.
 
-The fused kernel's decode is inline PTX, which the interpreter cannot run
-(it runs the kernel's table-load decode instead). `PtxEmulator` executes
+The candidate fused kernel (`benchmarks/fused_4bit.py`) is checked the same
+ways. Its decode is inline PTX, which the interpreter cannot run (it runs
+the kernel's table-load decode instead). `PtxEmulator` executes
 that PTX instruction by instruction on the CPU, as the PTX ISA defines each
 instruction, so the decode the GPU runs is checked here too.
 """
@@ -34,6 +35,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
+from benchmarks import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 ON_GPU = torch.cuda.is_available()
@@ -196,11 +198,11 @@ def test_decode_ptx_gives_bitsandbytes_weights(quant_type):
     codes = kernels.decode_table(quant_type, torch.device("cpu")).numpy()
     word_absmax = absmax.repeat_interleave(8).numpy()
     tables = PtxEmulator([None] * 8 + [word_absmax, *codes]).run(
-        kernels._TABLE_PTX.value
+        fused_4bit.TABLE_PTX.value
     )
     registers = PtxEmulator(
         [None] * 4 + [words] + [tables[f"${i}"] for i in range(8)]
-    ).run(kernels._DECODE_PTX.value)
+    ).run(fused_4bit.DECODE_PTX.value)
     # Each pair holds two consecutive columns, the first in its low half.
     pairs = np.stack([registers[f"${i}"] for i in range(4)], axis=1)
     bits = np.stack([pairs & 0xFFFF, pairs >> 16], axis=2).astype(np.uint16)
@@ -291,12 +293,12 @@ def test_matmul_matches_float32_reference(layers, tokens):
 def fused_layers(layers):
     """The layers the fused kernel takes; it refuses the others."""
     for layer in layers:
-        if kernels.supports_fused(layer.merged):
+        if fused_4bit.supports(layer.merged):
             yield layer
         else:
             x = random_input(1, layer.reference.shape[1], seed=0)
             with pytest.raises(ValueError, match="multiple of 64"):
-                kernels.fused_matmul(x, layer.merged)
+                fused_4bit.matmul(x, layer.merged)
 
 
 @pytest.mark.parametrize("split", FUSED_SPLITS)
@@ -304,7 +306,7 @@ def fused_layers(layers):
 def test_fused_matmul_matches_float32_reference(layers, tokens, split):
     for index, layer in enumerate(fused_layers(layers)):
         x = random_input(tokens, layer.reference.shape[1], seed=tokens + index)
-        out = kernels.fused_matmul(x, layer.merged, split=split)
+        out = fused_4bit.matmul(x, layer.merged, split=split)
         assert_matches_float32_reference(out, x, layer.reference)
 
 
@@ -314,7 +316,7 @@ def test_fused_matmul_multiplies_by_the_exact_weights(layers, split):
     for layer in fused_layers(layers):
         columns = layer.reference.shape[1]
         x, picked = one_hot_rows(16, columns)
-        out = kernels.fused_matmul(x, layer.merged, split=split)
+        out = fused_4bit.matmul(x, layer.merged, split=split)
         assert torch.equal(out, layer.reference[:, picked].T)
 
 
@@ -324,15 +326,15 @@ def test_fused_matmul_edge_inputs(layers):
     for layer in list(fused_layers(layers))[:1]:
         rows, columns = layer.reference.shape
         empty = torch.empty(0, columns, dtype=torch.bfloat16, device=DEVICE)
-        assert kernels.fused_matmul(empty, layer.merged).shape == (0, rows)
+        assert fused_4bit.matmul(empty, layer.merged).shape == (0, rows)
         x = random_input(3, columns, seed=7)
         with pytest.raises(ValueError, match="bfloat16 activations"):
-            kernels.fused_matmul(x.half(), layer.merged)
+            fused_4bit.matmul(x.half(), layer.merged)
         wide = torch.zeros(3, 2 * columns, dtype=torch.bfloat16, device=DEVICE)
         wide[:, ::2] = x
         assert torch.equal(
-            kernels.fused_matmul(wide[:, ::2], layer.merged, split=1),
-            kernels.fused_matmul(x, layer.merged, split=1),
+            fused_4bit.matmul(wide[:, ::2], layer.merged, split=1),
+            fused_4bit.matmul(x, layer.merged, split=1),
         )
 
 
@@ -347,8 +349,8 @@ def test_fused_matmul_writes_all_of_out(layers):
         )
         for split in FUSED_SPLITS:
             out.fill_(torch.nan)
-            assert kernels.fused_matmul(x, layer.merged, out=out, split=split) is out
-            assert torch.equal(out, kernels.fused_matmul(x, layer.merged, split=1))
+            assert fused_4bit.matmul(x, layer.merged, out=out, split=split) is out
+            assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=1))
 
 
 def one_hot_rows(tokens, columns):
@@ -420,13 +422,13 @@ if ON_GPU:
         layer = layers[0]
         columns = layer.reference.shape[1]
         static_x = random_input(tokens, columns, seed=1)
-        kernels.fused_matmul(static_x, layer.merged)  # compile outside the capture
+        fused_4bit.matmul(static_x, layer.merged)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = kernels.fused_matmul(static_x, layer.merged)
+            static_out = fused_4bit.matmul(static_x, layer.merged)
         for seed in (2, 3):
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
-            expected = kernels.fused_matmul(static_x, layer.merged)
+            expected = fused_4bit.matmul(static_x, layer.merged)
             assert torch.equal(static_out, expected)

@@ -1,0 +1,373 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A fused bitsandbytes 4-bit matmul for CUDA: the candidate to replace what
+`vllm.plugins.bitsandbytes.triton_4bit.matmul` runs, kept here until it has
+been timed on a GPU.
+
+One kernel for any number of tokens: each program decodes a tile of weights
+in registers and multiplies it on the tensor cores, so the weights never
+reach memory as bfloat16. It reads a merged layer's storage
+(`triton_4bit.MergedWeight`) as bitsandbytes writes it and multiplies by
+exactly `dequantize_4bit`'s weights. Compiled, the decode is PTX byte
+permutes on a per-block table, about 2.6 instructions per weight, where a
+table load per weight costs 11 to 15 (docs/benchmarks.md, section 5).
+
+`benchmarks/gpu_4bit.py` times it (its `fused` column) next to the plugin's
+path and bf16; `benchmarks/gpu_4bit_sass.py` counts its instructions without
+a GPU; `tests/plugins/bitsandbytes/triton_4bit_checks.py` checks it, under
+Triton's interpreter in CI. Like the plugin's module, it imports only torch,
+triton and bitsandbytes.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm.plugins.bitsandbytes.triton_4bit import (
+    _INTERPRETED,
+    MergedWeight,
+    _to_bfloat16,
+)
+
+# A block's table: entry i is bfloat16(code[i] * absmax), rounded once from
+# the float32 product as `dequantize_4bit` rounds it, split into a plane of
+# low bytes and one of high bytes, 4 registers each, 4 entries per register.
+TABLE_PTX = tl.constexpr(
+    "\n".join(
+        ["{", ".reg .f32 p<16>;", ".reg .b32 q<8>;"]
+        + [f"mul.rn.f32 p{i}, $8, ${9 + i};" for i in range(16)]
+        + [f"cvt.rn.bf16x2.f32 q{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]
+        + [f"prmt.b32 ${i}, q{2 * i}, q{2 * i + 1}, 0x6420;" for i in range(4)]
+        + [f"prmt.b32 ${4 + i}, q{2 * i}, q{2 * i + 1}, 0x7531;" for i in range(4)]
+        + ["}"]
+    )
+)
+
+
+def _decode_ptx() -> str:
+    """PTX taking a 32-bit word of packed weights ($4) and its block's table
+    ($5-$8 low bytes, $9-$12 high bytes) to the word's 8 bfloat16 weights
+    as 4 pairs ($0-$3), in column order.
+
+    Per group of 4 nibbles: their low 3 bits pick a byte from each half of
+    each plane (4 `prmt`), bit 3 becomes a byte mask (one `prmt` that
+    replicates sign bits), `lop3` keeps the right half, and two `prmt`
+    interleave low and high bytes into bfloat16 pairs, swapping the two
+    nibbles of a byte (bitsandbytes puts the even column in the high one).
+    """
+    lines = [
+        "{",
+        ".reg .b32 s, sh, t, m, la, lb, ha, hb, lo, hi;",
+        "and.b32 s, $4, 0x77777777;",
+        "shl.b32 t, $4, 4;",
+        "shr.b32 sh, s, 16;",
+    ]
+    # Mask byte i copies bit 3 of nibble i, which is bit 7 of a byte of t
+    # (even i) or of the word (odd i).
+    for selector, mask, pair in (("s", "0x9D8C", 0), ("sh", "0xBFAE", 2)):
+        lines += [
+            f"prmt.b32 la, $5, $6, {selector};",
+            f"prmt.b32 lb, $7, $8, {selector};",
+            f"prmt.b32 ha, $9, $10, {selector};",
+            f"prmt.b32 hb, $11, $12, {selector};",
+            f"prmt.b32 m, $4, t, {mask};",
+            "lop3.b32 lo, la, lb, m, 0xD8;",
+            "lop3.b32 hi, ha, hb, m, 0xD8;",
+            f"prmt.b32 ${pair}, lo, hi, 0x4051;",
+            f"prmt.b32 ${pair + 1}, lo, hi, 0x6273;",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+DECODE_PTX = tl.constexpr(_decode_ptx())
+
+
+@triton.jit
+def _decode_words(words, absmax, codes_ptr):
+    """The 8 bfloat16 weights of each int32 word of `words` (R, C, 8), in
+    column order, as 8 tensors of its shape; `absmax` (R, C) is the block's.
+    """
+    if _INTERPRETED:
+        scale = absmax[:, :, None]
+        # Column 8w + i sits in byte i // 2, in the high nibble for even i.
+        v0 = _to_bfloat16(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
+        v1 = _to_bfloat16(tl.load(codes_ptr + (words & 15)) * scale)
+        v2 = _to_bfloat16(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
+        v3 = _to_bfloat16(tl.load(codes_ptr + ((words >> 8) & 15)) * scale)
+        v4 = _to_bfloat16(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
+        v5 = _to_bfloat16(tl.load(codes_ptr + ((words >> 16) & 15)) * scale)
+        v6 = _to_bfloat16(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
+        v7 = _to_bfloat16(tl.load(codes_ptr + ((words >> 24) & 15)) * scale)
+        return v0, v1, v2, v3, v4, v5, v6, v7
+    l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+        TABLE_PTX,
+        "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
+        [
+            absmax,
+            tl.load(codes_ptr + 0),
+            tl.load(codes_ptr + 1),
+            tl.load(codes_ptr + 2),
+            tl.load(codes_ptr + 3),
+            tl.load(codes_ptr + 4),
+            tl.load(codes_ptr + 5),
+            tl.load(codes_ptr + 6),
+            tl.load(codes_ptr + 7),
+            tl.load(codes_ptr + 8),
+            tl.load(codes_ptr + 9),
+            tl.load(codes_ptr + 10),
+            tl.load(codes_ptr + 11),
+            tl.load(codes_ptr + 12),
+            tl.load(codes_ptr + 13),
+            tl.load(codes_ptr + 14),
+            tl.load(codes_ptr + 15),
+        ],
+        dtype=(tl.uint32,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        DECODE_PTX,
+        "=r,=r,=r,=r" + ",r" * 9,
+        [
+            words,
+            l0[:, :, None],
+            l1[:, :, None],
+            l2[:, :, None],
+            l3[:, :, None],
+            h0[:, :, None],
+            h1[:, :, None],
+            h2[:, :, None],
+            h3[:, :, None],
+        ],
+        dtype=(tl.uint32,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+    return (
+        _low_half(p0),
+        _high_half(p0),
+        _low_half(p1),
+        _high_half(p1),
+        _low_half(p2),
+        _high_half(p2),
+        _low_half(p3),
+        _high_half(p3),
+    )
+
+
+@triton.jit
+def _low_half(pair):
+    return (pair & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _high_half(pair):
+    return (pair >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def fused_kernel(
+    x_ptr,
+    words_ptr,
+    absmax_ptr,
+    codes_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    out_ptr,
+    M,
+    N,
+    K_WORDS,
+    K_BLOCKS,
+    STEPS,
+    STEPS_PER_SPLIT,
+    stride_xm,
+    stride_om,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """out (M, N) = x (M, K) @ weight.T for one tile of BLOCK_N weight rows
+    and BLOCK_M tokens, over one of SPLIT ranges of K.
+
+    A step covers CHUNKS chunks of 64 columns (8 words; one absmax each, as
+    blocks are multiples of 64), held by one thread each, so a thread builds
+    each table once. With SPLIT > 1 each program stores its float32 partial
+    sums; the last one of a tile to arrive adds them in split order (the
+    result does not depend on timing), writes `out` and resets the tile's
+    arrival count for the next call.
+    """
+    STEP: tl.constexpr = 64 * CHUNKS
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    token_mask = tokens < M
+    chunks = tl.arange(0, CHUNKS)
+    # A chunk's 8 words as two 16-byte halves, so that one thread loads both.
+    chunk_words = (
+        chunks[:, None, None] * 8
+        + tl.arange(0, 2)[None, :, None] * 4
+        + tl.arange(0, 4)[None, None, :]
+    )
+    row_words = rows.to(tl.int64)[:, None, None, None] * K_WORDS
+    row_blocks = rows.to(tl.int64)[:, None] * K_BLOCKS
+    columns = tl.arange(0, STEP)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    first = pid_k * STEPS_PER_SPLIT
+    for step in range(first, tl.minimum(first + STEPS_PER_SPLIT, STEPS)):
+        k = step * STEP
+        words = tl.load(
+            words_ptr + row_words + k // 8 + chunk_words[None],
+            mask=row_mask[:, None, None, None],
+            other=0,
+        )
+        absmax = tl.load(
+            absmax_ptr + row_blocks + ((k + 64 * chunks) // BLOCKSIZE)[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+        )
+        v0, v1, v2, v3, v4, v5, v6, v7 = _decode_words(
+            tl.reshape(words, (BLOCK_N, CHUNKS, 8)), absmax, codes_ptr
+        )
+        # join appends a dimension: value i of a word ends up at (i & 1,
+        # i >> 1 & 1, i >> 2), which the permutation puts in column order.
+        weights = tl.join(
+            tl.join(tl.join(v0, v1), tl.join(v2, v3)),
+            tl.join(tl.join(v4, v5), tl.join(v6, v7)),
+        )
+        weights = tl.reshape(tl.permute(weights, (0, 1, 2, 5, 4, 3)), (BLOCK_N, STEP))
+        x = tl.load(
+            x_ptr + tokens[None, :] * stride_xm + k + columns[:, None],
+            mask=token_mask[None, :],
+            other=0.0,
+        )
+        if _INTERPRETED:
+            # The interpreter's bfloat16 dot is wrong; float32 holds both
+            # operands exactly.
+            acc += tl.dot(weights.to(tl.float32), x.to(tl.float32))
+        else:
+            acc = tl.dot(weights, x, acc)
+    out_mask = row_mask[:, None] & token_mask[None, :]
+    out_offsets = tokens[None, :] * stride_om + rows[:, None]
+    if SPLIT == 1:
+        tl.store(out_ptr + out_offsets, _to_bfloat16(acc), mask=out_mask)
+    else:
+        partial_offsets = tokens.to(tl.int64)[None, :] * N + rows[:, None]
+        tl.store(partial_ptr + pid_k * M * N + partial_offsets, acc, mask=out_mask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in tl.static_range(SPLIT):
+                total += tl.load(
+                    partial_ptr + split * M * N + partial_offsets,
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+            tl.store(out_ptr + out_offsets, _to_bfloat16(total), mask=out_mask)
+            tl.atomic_xchg(arrivals_ptr + tile, 0)
+
+
+# Weight rows per program of the fused kernel: one warpgroup's tensor-core
+# tile.
+ROWS = 64
+# Most partial sums a tile of the fused kernel adds up.
+MAX_SPLIT = 16
+
+
+def supports(weight: MergedWeight) -> bool:
+    """Whether `matmul` takes this layer: its chunks of 64 columns must each
+    lie in one absmax block."""
+    return weight.state.blocksize % 64 == 0 and weight.state.shape[1] % 64 == 0
+
+
+@functools.cache
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed arrival counts for `tiles` tiles, shared by every call with as
+    many tiles on the device: calls on one stream run one after another, and
+    each leaves the counts zero."""
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
+def _split_for(device: torch.device, programs: int, steps: int) -> int:
+    """Ranges of K per tile: enough programs to fill the GPU twice over."""
+    if device.type != "cuda":
+        return 1
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_SPLIT, steps, triton.cdiv(2 * processors, programs)))
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: MergedWeight,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """x (M, K) bfloat16 times the merged weight transposed, into `out`
+    (M, N) bfloat16 if given. `split` fixes the number
+    of K ranges per tile (by default: enough to fill the GPU)."""
+    if not supports(weight):
+        raise ValueError(
+            f"the fused 4-bit kernel needs blocks of a multiple of 64 "
+            f"columns, not {weight.state.blocksize}"
+        )
+    if x.dtype != torch.bfloat16:
+        raise ValueError(
+            f"the fused 4-bit kernel multiplies bfloat16 activations, not {x.dtype}"
+        )
+    rows, columns = weight.state.shape
+    tokens = x.shape[0]
+    if out is None:
+        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
+    if tokens == 0:
+        return out
+    # The kernel reads rows of x and writes rows of out with unit stride.
+    x = x.contiguous()
+    if out.stride(1) != 1:
+        raise ValueError("the fused 4-bit kernel writes an out with unit column stride")
+    chunks = next(c for c in (4, 2, 1) if columns % (64 * c) == 0)
+    steps = columns // (64 * chunks)
+    block_m = min(128, max(16, triton.next_power_of_2(tokens)))
+    grid_n, grid_m = triton.cdiv(rows, ROWS), triton.cdiv(tokens, block_m)
+    if split is None:
+        split = _split_for(x.device, grid_n * grid_m, steps)
+    steps_per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, steps_per_split)
+    partial = (
+        torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
+        if split > 1
+        else out
+    )
+    fused_kernel[(grid_n, grid_m, split)](
+        x,
+        weight.packed.view(torch.int32),
+        weight.state.absmax,
+        weight.table,
+        partial,
+        _arrivals(x.device, grid_n * grid_m),
+        out,
+        tokens,
+        rows,
+        columns // 8,
+        columns // weight.state.blocksize,
+        steps,
+        steps_per_split,
+        x.stride(0),
+        out.stride(0),
+        BLOCKSIZE=weight.state.blocksize,
+        BLOCK_N=ROWS,
+        BLOCK_M=block_m,
+        CHUNKS=chunks,
+        SPLIT=split,
+        num_warps=4,
+        # Three stages of 128-token tiles of x would not fit shared memory.
+        num_stages=2 if block_m == 128 else 3,
+    )
+    return out
