@@ -400,35 +400,22 @@ def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
 if ON_GPU:
 
     @pytest.mark.parametrize("tokens", [1, 16, 256])
-    def test_cuda_graph_replay(layers, tokens):
-        """Captured once, replayed on new inputs: the results of eager calls."""
+    @pytest.mark.parametrize(
+        "matmul", [kernels.matmul, fused_4bit.matmul], ids=["shipped", "fused"]
+    )
+    def test_cuda_graph_replay(layers, tokens, matmul):
+        """Captured once, replayed on new inputs: the results of eager calls.
+        The fused kernel's split-K included: its arrival counts reset
+        themselves, so every replay adds its partial sums afresh."""
         layer = layers[0]
         columns = layer.reference.shape[1]
         static_x = random_input(tokens, columns, seed=1)
-        kernels.matmul(static_x, layer.merged)  # compile outside the capture
+        matmul(static_x, layer.merged)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = kernels.matmul(static_x, layer.merged)
+            static_out = matmul(static_x, layer.merged)
         for seed in (2, 3):
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
-            assert torch.equal(static_out, kernels.matmul(static_x, layer.merged))
-
-    @pytest.mark.parametrize("tokens", [1, 16, 256])
-    def test_fused_cuda_graph_replay(layers, tokens):
-        """Split-K included: the arrival counts reset themselves, so every
-        replay adds its partial sums afresh."""
-        layer = layers[0]
-        columns = layer.reference.shape[1]
-        static_x = random_input(tokens, columns, seed=1)
-        fused_4bit.matmul(static_x, layer.merged)  # compile outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = fused_4bit.matmul(static_x, layer.merged)
-        for seed in (2, 3):
-            static_x.copy_(random_input(tokens, columns, seed=seed))
-            graph.replay()
-            expected = fused_4bit.matmul(static_x, layer.merged)
-            assert torch.equal(static_out, expected)
+            assert torch.equal(static_out, matmul(static_x, layer.merged))
