@@ -13,10 +13,10 @@ call captured in a CUDA graph (as vLLM runs decode) and timed by replaying
 it, median of the repetitions, in one run:
 
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
-  per merged layer, bitsandbytes' GEMV below `MIN_TRITON_TOKENS` tokens, the
-  Triton dequantization and cuBLAS from there on;
-- ``fused``: the candidate `benchmarks.fused_4bit.matmul`, decoding in
-  registers and multiplying on the tensor cores at every batch size;
+  per merged layer, bitsandbytes' GEMV for one token, the fused kernel for
+  `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
+- ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
+  the tensor cores, at every batch size;
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import fused_4bit
+from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 # H200 HBM3e peak, from the datasheet: the ceiling of a memory-bound GEMV.
@@ -406,7 +406,7 @@ def main(argv=None):
             "python": platform.python_version(),
         },  # fmt: skip
         "hbm_bytes_per_s": HBM_BYTES_PER_S,
-        "min_triton_tokens": kernels.MIN_TRITON_TOKENS,
+        "fused_tokens": kernels.FUSED_TOKENS,
         "layers": measure_layers(layers, batches),
     }
     report["decoder_layer"] = decoder_layer_summary(report["layers"])

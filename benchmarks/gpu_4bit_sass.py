@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
-from benchmarks import fused_4bit
+from vllm.plugins.bitsandbytes import fused_4bit
 
 SIGNATURE = {
     "x_ptr": "*bf16",
@@ -48,10 +48,13 @@ SIGNATURE = {
 # pointers and these integers divisible by 16.
 DIVISIBLE_BY_16 = ("N", "K_WORDS", "K_BLOCKS", "stride_xm", "stride_om")
 NUM_WARPS = 4
-CHUNKS = 4
+# Llama-3-8B's hidden size, the K of most of its layers.
+COLUMNS = 4096
 
 
-def compile_kernel(arch, block_m, split):
+def compile_kernel(arch, tokens, split):
+    """The kernel as `fused_4bit.matmul` launches it for `tokens` tokens."""
+    block_m, chunks, stages = fused_4bit.launch_config(tokens, COLUMNS)
     names = list(SIGNATURE)
     aligned = [n for n, t in SIGNATURE.items() if t.startswith("*")]
     attrs = {
@@ -62,7 +65,7 @@ def compile_kernel(arch, block_m, split):
         "BLOCKSIZE": 64,
         "BLOCK_N": fused_4bit.ROWS,
         "BLOCK_M": block_m,
-        "CHUNKS": CHUNKS,
+        "CHUNKS": chunks,
         "SPLIT": split,
     }
     source = ASTSource(
@@ -71,8 +74,9 @@ def compile_kernel(arch, block_m, split):
         constexprs=constants,
         attrs=attrs,
     )
-    options = {"num_warps": NUM_WARPS, "num_stages": 2 if block_m == 128 else 3}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    options = {"num_warps": NUM_WARPS, "num_stages": stages}
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return kernel, fused_4bit.ROWS * 64 * chunks / (32 * NUM_WARPS)
 
 
 def main_loop(sass):
@@ -99,10 +103,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability")
     args = parser.parse_args(argv)
-    weights_per_thread = fused_4bit.ROWS * 64 * CHUNKS / (32 * NUM_WARPS)
     print(f"triton {triton.__version__}, sm_{args.arch}, main loop per weight")
     for block_m in (16, 64, 128):
-        loop = main_loop(get_sass(compile_kernel(args.arch, block_m, 1).asm["cubin"]))
+        kernel, weights_per_thread = compile_kernel(args.arch, block_m, 1)
+        loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)
         top = ", ".join(
             f"{op} {count / weights_per_thread:.2f}"

@@ -15,11 +15,12 @@ bfloat16 values, and a float32 matmul of them is the reference for its
 products. Below `MIN_TRITON_TOKENS` the path is bitsandbytes' own
 `matmul_4bit`, called once for the merged layer instead of once per shard.
 
-The candidate fused kernel (`benchmarks/fused_4bit.py`) is checked the same
-ways. Its decode is inline PTX, which the interpreter cannot run (it runs
-the kernel's table-load decode instead). `PtxEmulator` executes
-that PTX instruction by instruction on the CPU, as the PTX ISA defines each
-instruction, so the decode the GPU runs is checked here too.
+The fused kernel (`fused_4bit`), which `matmul` runs from 2 to 128 tokens,
+is also checked on its own, at every token count and split of K. Its decode
+is inline PTX, which the interpreter cannot run (it runs the kernel's
+table-load decode instead). `PtxEmulator` executes that PTX instruction by
+instruction on the CPU, as the PTX ISA defines each instruction, so the
+decode the GPU runs is checked here too.
 """
 
 import operator
@@ -35,7 +36,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
-from benchmarks import fused_4bit
+from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 ON_GPU = torch.cuda.is_available()
@@ -216,14 +217,14 @@ if ON_GPU:
     # Llama-3-8B: q/k/v, o, gate/up, down.
     SHAPES = [([4096, 1024, 1024], 4096), ([4096], 4096), ([14336] * 2, 4096)]
     SHAPES.append(([4096], 14336))
-    TRITON_BATCHES = [4, 16, 17, 64, 256]
+    TRITON_BATCHES = [2, 4, 16, 17, 64, 128, 129, 256]
     FUSED_BATCHES = [1, 2, 4, 16, 17, 64, 256]
     # (None: as many ranges of K as fill the GPU)
     FUSED_SPLITS = [None, 1]
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
-    TRITON_BATCHES = [kernels.MIN_TRITON_TOKENS, 17]
+    TRITON_BATCHES = [2, kernels.MIN_TRITON_TOKENS, 17, 130]
     FUSED_BATCHES = [1, 3, 17, 130]
     FUSED_SPLITS = [1, 3]
 FORMATS = [
@@ -350,7 +351,8 @@ def test_fused_matmul_writes_all_of_out(layers):
         for split in FUSED_SPLITS:
             out.fill_(torch.nan)
             assert fused_4bit.matmul(x, layer.merged, out=out, split=split) is out
-            assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=1))
+            # Split K sums in another order: compare like with like.
+            assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=split))
 
 
 def one_hot_rows(tokens, columns):
@@ -388,9 +390,12 @@ def test_matmul_writes_all_of_out(layers, tokens):
 
 @pytest.mark.parametrize("tokens", range(1, kernels.MIN_TRITON_TOKENS))
 def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
-    """Below MIN_TRITON_TOKENS, one bitsandbytes call on the merged layer
-    computes what one call per shard computes."""
+    """Where bitsandbytes runs (one token; below MIN_TRITON_TOKENS for blocks
+    the fused kernel does not take), one call on the merged layer computes
+    what one call per shard computes."""
     for layer in layers:
+        if tokens >= kernels.FUSED_TOKENS[0] and fused_4bit.supports(layer.merged):
+            continue
         x = random_input(tokens, layer.reference.shape[1], seed=tokens)
         torch.testing.assert_close(
             kernels.matmul(x, layer.merged), layer.bitsandbytes_per_shard(x)
@@ -400,22 +405,20 @@ def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
 if ON_GPU:
 
     @pytest.mark.parametrize("tokens", [1, 16, 256])
-    @pytest.mark.parametrize(
-        "matmul", [kernels.matmul, fused_4bit.matmul], ids=["shipped", "fused"]
-    )
-    def test_cuda_graph_replay(layers, tokens, matmul):
-        """Captured once, replayed on new inputs: the results of eager calls.
-        The fused kernel's split-K included: its arrival counts reset
-        themselves, so every replay adds its partial sums afresh."""
+    def test_cuda_graph_replay(layers, tokens):
+        """Captured once, replayed on new inputs: the results of eager calls,
+        on each of matmul's paths. At 16 tokens the fused kernel splits K:
+        its arrival counts reset themselves, so every replay adds its
+        partial sums afresh."""
         layer = layers[0]
         columns = layer.reference.shape[1]
         static_x = random_input(tokens, columns, seed=1)
-        matmul(static_x, layer.merged)  # compile outside the capture
+        kernels.matmul(static_x, layer.merged)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = matmul(static_x, layer.merged)
+            static_out = kernels.matmul(static_x, layer.merged)
         for seed in (2, 3):
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
-            assert torch.equal(static_out, matmul(static_x, layer.merged))
+            assert torch.equal(static_out, kernels.matmul(static_x, layer.merged))

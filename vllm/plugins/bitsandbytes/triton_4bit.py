@@ -8,12 +8,13 @@ The weights stay as bitsandbytes stores them: row-major, two values per byte
 concatenated, are then the storage of the stacked matrix, so one call covers
 the layer instead of one per shard.
 
-Below `MIN_TRITON_TOKENS` tokens bitsandbytes' own `matmul_4bit` runs, once
-for the whole layer (its GEMV for one token, the fastest kernel here for
-it). From there on a Triton kernel decodes the whole layer once and cuBLAS
-multiplies, as vLLM's AWQ path does for large batches; the decoded weights
-equal `bitsandbytes.functional.dequantize_4bit`'s bit for bit (code value
-times block absmax in float32, rounded to bfloat16).
+One token runs bitsandbytes' own `matmul_4bit` once for the whole layer
+(its GEMV, the fastest kernel here for it). From 2 to 128 tokens the fused
+kernel of `fused_4bit` decodes in registers and multiplies on the tensor
+cores. Beyond, a Triton kernel decodes the whole layer once and cuBLAS
+multiplies, as vLLM's AWQ path does for large batches. Both Triton paths
+multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s weights
+(code value times block absmax in float32, rounded to bfloat16).
 
 The module imports only torch, triton and bitsandbytes, so it is checked on
 a CPU under `TRITON_INTERPRET=1` and timed on a GPU without vLLM.
@@ -28,8 +29,12 @@ import triton
 import triton.language as tl
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-# Below this many tokens bitsandbytes' kernels are faster (one token: its
-# GEMV; see docs/benchmarks.md for the H200 measurements).
+# The token counts for which the fused kernel (`fused_4bit`) is the fastest
+# path; below, bitsandbytes' GEMV, above, decode once and cuBLAS (H200
+# measurements in docs/benchmarks.md, section 5).
+FUSED_TOKENS = (2, 128)
+# Where the fused kernel does not apply (blocks of 32, float16 activations):
+# below this many tokens bitsandbytes' kernels are faster.
 MIN_TRITON_TOKENS = 4
 # Weight rows per program of the dequantization kernel.
 _DEQUANTIZE_ROWS = 16
@@ -219,7 +224,16 @@ def matmul(
 ) -> torch.Tensor:
     """x (M, K) bfloat16 times the merged weight transposed, into `out` (M, N)
     bfloat16 if given."""
-    if x.shape[0] < MIN_TRITON_TOKENS:
+    from vllm.plugins.bitsandbytes import fused_4bit
+
+    tokens = x.shape[0]
+    if (
+        FUSED_TOKENS[0] <= tokens <= FUSED_TOKENS[1]
+        and x.dtype == torch.bfloat16
+        and fused_4bit.supports(weight)
+    ):
+        return fused_4bit.matmul(x, weight, out=out)
+    if tokens < MIN_TRITON_TOKENS:
         from bitsandbytes import matmul_4bit
 
         product = matmul_4bit(x, weight.packed.view(-1, 1).t(), weight.state)

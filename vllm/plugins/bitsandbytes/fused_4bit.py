@@ -1,21 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A fused bitsandbytes 4-bit matmul for CUDA: the candidate to replace what
-`vllm.plugins.bitsandbytes.triton_4bit.matmul` runs, kept here until it has
-been timed on a GPU.
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""A fused bitsandbytes 4-bit matmul for CUDA, for a few to a hundred tokens.
 
-One kernel for any number of tokens: each program decodes a tile of weights
-in registers and multiplies it on the tensor cores, so the weights never
-reach memory as bfloat16. It reads a merged layer's storage
-(`triton_4bit.MergedWeight`) as bitsandbytes writes it and multiplies by
-exactly `dequantize_4bit`'s weights. Compiled, the decode is PTX byte
-permutes on a per-block table, about 2.6 instructions per weight, where a
-table load per weight costs 11 to 15 (docs/benchmarks.md, section 5).
+Each program decodes a tile of weights in registers and multiplies it on
+the tensor cores, so the weights never reach memory as bfloat16. It reads a
+merged layer's storage (`triton_4bit.MergedWeight`) as bitsandbytes writes
+it and multiplies by exactly `dequantize_4bit`'s weights. The decode is PTX
+byte permutes on a per-block table, about 2.6 instructions per weight,
+where a table load per weight costs 11 to 15. `triton_4bit.matmul` calls it
+for the token counts where it is the fastest path (docs/benchmarks.md,
+section 5, measured on an H200).
 
-`benchmarks/gpu_4bit.py` times it (its `fused` column) next to the plugin's
-path and bf16; `benchmarks/gpu_4bit_sass.py` counts its instructions without
-a GPU; `tests/plugins/bitsandbytes/triton_4bit_checks.py` checks it, under
-Triton's interpreter in CI. Like the plugin's module, it imports only torch,
-triton and bitsandbytes.
+`benchmarks/gpu_4bit.py` times it (its `fused` column) next to the other
+paths and bf16; `benchmarks/gpu_4bit_sass.py` counts its instructions
+without a GPU; `tests/plugins/bitsandbytes/triton_4bit_checks.py` checks it,
+under Triton's interpreter in CI. Like `triton_4bit`, it imports only
+torch, triton and bitsandbytes.
 """
 
 import functools
@@ -296,6 +296,16 @@ def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
+def launch_config(tokens: int, columns: int) -> tuple[int, int, int]:
+    """BLOCK_M, CHUNKS and pipeline stages for `tokens` tokens and `columns`
+    columns: the fastest of a sweep on an H200 at Llama-3-8B shapes (one
+    warpgroup, 64 rows, 2 chunks, split K to fill the GPU;
+    docs/benchmarks.md, section 5)."""
+    block_m = min(128, max(16, triton.next_power_of_2(tokens)))
+    chunks = 2 if columns % 128 == 0 else 1
+    return block_m, chunks, 2 if block_m == 64 else 3
+
+
 def _split_for(device: torch.device, programs: int, steps: int) -> int:
     """Ranges of K per tile: enough programs to fill the GPU twice over."""
     if device.type != "cuda":
@@ -332,9 +342,8 @@ def matmul(
     x = x.contiguous()
     if out.stride(1) != 1:
         raise ValueError("the fused 4-bit kernel writes an out with unit column stride")
-    chunks = next(c for c in (4, 2, 1) if columns % (64 * c) == 0)
+    block_m, chunks, stages = launch_config(tokens, columns)
     steps = columns // (64 * chunks)
-    block_m = min(128, max(16, triton.next_power_of_2(tokens)))
     grid_n, grid_m = triton.cdiv(rows, ROWS), triton.cdiv(tokens, block_m)
     if split is None:
         split = _split_for(x.device, grid_n * grid_m, steps)
@@ -367,7 +376,6 @@ def matmul(
         CHUNKS=chunks,
         SPLIT=split,
         num_warps=4,
-        # Three stages of 128-token tiles of x would not fit shared memory.
-        num_stages=2 if block_m == 128 else 3,
+        num_stages=stages,
     )
     return out
