@@ -12,8 +12,9 @@ kernels do, so on a GPU machine without vLLM it runs directly:
 The reference for the weights is `bitsandbytes.functional.dequantize_4bit`
 of each shard as stored: the Triton kernel must multiply by exactly those
 bfloat16 values, and a float32 matmul of them is the reference for its
-products. Below `MIN_TRITON_TOKENS` the path is bitsandbytes' own
-`matmul_4bit`, called once for the merged layer instead of once per shard.
+products. For one token (and below `MIN_TRITON_TOKENS` where the fused
+kernel does not apply) the path is bitsandbytes' own `matmul_4bit`, called
+once for the merged layer instead of once per shard.
 
 The fused kernel (`fused_4bit`), which `matmul` runs from 2 to 128 tokens,
 is also checked on its own, at every token count and split of K. Its decode
@@ -405,20 +406,30 @@ def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
 if ON_GPU:
 
     @pytest.mark.parametrize("tokens", [1, 16, 256])
-    def test_cuda_graph_replay(layers, tokens):
+    @pytest.mark.parametrize(
+        "matmul", [kernels.matmul, fused_4bit.matmul], ids=["shipped", "fused"]
+    )
+    def test_cuda_graph_replay(layers, tokens, matmul):
         """Captured once, replayed on new inputs: the results of eager calls,
-        on each of matmul's paths. At 16 tokens the fused kernel splits K:
-        its arrival counts reset themselves, so every replay adds its
-        partial sums afresh."""
-        layer = layers[0]
+        on each of the shipped matmul's paths and on the fused kernel at
+        every token count. Split K included: the fused kernel's arrival
+        counts reset themselves, so every replay adds its partial sums
+        afresh."""
+        candidates = layers
+        if matmul is fused_4bit.matmul:
+            # Blocks of 32: every layer is refused (fused_layers checks it).
+            candidates = list(fused_layers(layers))
+            if not candidates:
+                return
+        layer = candidates[0]
         columns = layer.reference.shape[1]
         static_x = random_input(tokens, columns, seed=1)
-        kernels.matmul(static_x, layer.merged)  # compile outside the capture
+        matmul(static_x, layer.merged)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = kernels.matmul(static_x, layer.merged)
+            static_out = matmul(static_x, layer.merged)
         for seed in (2, 3):
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
-            assert torch.equal(static_out, kernels.matmul(static_x, layer.merged))
+            assert torch.equal(static_out, matmul(static_x, layer.merged))

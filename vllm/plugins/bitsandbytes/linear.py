@@ -10,6 +10,7 @@ merged 4-bit layer is prepared after loading to run as one matrix
 (`triton_4bit`); elsewhere it runs one bitsandbytes matmul per shard.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -106,15 +107,18 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
         require_bitsandbytes()
         self.quant_config = quant_config
 
+    # vLLM's layers pass these by position or by name, so both are fixed by
+    # `LinearMethodBase`. Only this rank's rows and columns size the packed
+    # weight; the full layer's sizes are not needed.
     def create_weights(
         self,
         layer: nn.Module,
         input_size_per_partition: int,
-        output_partition_sizes: list[int],
+        output_partition_sizes: Sequence[int],
         input_size: int,
         output_size: int,
         params_dtype: torch.dtype,
-        **extra_weight_attrs: Any,
+        **weight_attrs: Any,
     ) -> None:
         rows = sum(output_partition_sizes)
         if self.quant_config.load_in_8bit:
@@ -123,9 +127,10 @@ class BitsAndBytesLinearMethod(LinearMethodBase):
             weight = self._create_4bit_weight(
                 rows, input_size_per_partition, params_dtype
             )
-        # Named `weight` like the checkpoint tensors it is loaded from.
+        # Named `weight` like the checkpoint tensors it is loaded from; the
+        # layer's weight_loader and the like ride along as its attributes.
         layer.register_parameter("weight", weight)
-        set_weight_attrs(weight, extra_weight_attrs)
+        set_weight_attrs(weight, weight_attrs)
 
     def _create_4bit_weight(
         self, rows: int, columns: int, model_dtype: torch.dtype
