@@ -24,8 +24,9 @@ it, median of the repetitions, in one run:
 - ``bf16``: ``torch.nn.functional.linear`` on the unquantized weight (cuBLAS);
 - ``limit``: the packed bytes and float32 absmax over the HBM bandwidth.
 
-``--moe`` times the fused-MoE method's GPU path (all experts dequantized per
-forward) at Mixtral-8x7B and Qwen3-30B-A3B expert shapes; ``--int8`` times
+``--moe`` times the fused-MoE method's GPU path (the routed experts
+dequantized per forward) against decoding all experts and bf16 experts, at
+Mixtral-8x7B and Qwen3-30B-A3B expert shapes; ``--int8`` times
 LLM.int8() against bf16, eagerly (its default threshold cannot be captured)
 and, at threshold 0, in a graph. Writes ``gpu_4bit.json`` and
 ``gpu_4bit.png``; nothing is asserted.
@@ -243,9 +244,10 @@ def run_experts(x, used, weights):
 
 
 def measure_moe(batches):
-    """The fused-MoE method's GPU path: every expert dequantized with one
-    bitsandbytes call per fused tensor, then the experts in bf16, against
-    bf16 experts and against the same with the Triton dequantization. The
+    """The fused-MoE method's GPU path: the experts routed to dequantized by
+    the Triton kernel (`compact_routing`), then the experts in bf16, against
+    every expert dequantized (bitsandbytes, as today, and Triton, the
+    plugin's path before routed decoding) and against bf16 experts. The
     routing is fixed; the expert matmuls are torch calls standing in for
     vLLM's fused-MoE kernel, which needs vLLM."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
@@ -265,38 +267,61 @@ def measure_moe(batches):
         def dequantize_all_bnb(fused=fused, shapes=shapes):
             return {k: dequantize_4bit(*fused[k]).view(shapes[k]) for k in shapes}
 
-        def dequantize_all_triton(fused=fused, shapes=shapes):
+        def dequantize_triton(routing=None, fused=fused, shapes=shapes):
+            """All experts, or with `routing` (topk_ids, experts) only the
+            routed ones, as the plugin's `apply` does."""
+            routed = None
+            if routing is not None:
+                routed, _ = kernels.compact_routing(*routing)
             decoded = {}
-            for k, shape in shapes.items():
+            for k, (_, rows, columns) in shapes.items():
                 packed, state = fused[k]
                 decoded[k] = kernels.dequantize(
-                    packed.view(-1, shape[-1] // 2), state.absmax, table, BLOCKSIZE
-                ).view(shape)
+                    packed.view(-1, columns // 2),
+                    state.absmax,
+                    table,
+                    BLOCKSIZE,
+                    routed,
+                    rows,
+                ).view(-1, rows, columns)
             return decoded
 
         for batch in batches:
             x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")
-            # The experts the batch routes to (each token top_k of them).
-            used = torch.randperm(experts)[: min(experts, batch * top_k)].tolist()
+            # Each token's top_k distinct experts, and the experts the batch
+            # routes to.
+            topk_ids = torch.stack(
+                [torch.randperm(experts)[:top_k] for _ in range(batch)]
+            ).to("cuda", torch.int32)
+            used = topk_ids.unique().tolist()
+            # The same experts, numbered as the routed decode stores them.
+            compact = kernels.compact_routing(topk_ids, experts)[1].unique().tolist()
+
+            def run_routed(x, routing=(topk_ids, experts), compact=compact):
+                return run_experts(x, compact, dequantize_triton(routing))
 
             row = {
                 "model": name,
                 "batch": batch,
                 "experts_used": len(used),
                 "bnb_dequantize_all_us": graph_us(dequantize_all_bnb, repeats=20),
-                "triton_dequantize_all_us": graph_us(dequantize_all_triton, repeats=20),
+                "triton_dequantize_all_us": graph_us(dequantize_triton, repeats=20),
+                "triton_dequantize_routed_us": graph_us(
+                    dequantize_triton, (topk_ids, experts), repeats=20
+                ),
                 "bnb_today_us": graph_us(
                     lambda x, u, f=dequantize_all_bnb: run_experts(x, u, f()),
                     x,
                     used,
                     repeats=20,
                 ),
-                "triton_us": graph_us(
-                    lambda x, u, f=dequantize_all_triton: run_experts(x, u, f()),
+                "triton_all_us": graph_us(
+                    lambda x, u, f=dequantize_triton: run_experts(x, u, f()),
                     x,
                     used,
                     repeats=20,
                 ),
+                "plugin_us": graph_us(run_routed, x, repeats=20),
                 "bf16_us": graph_us(run_experts, x, used, bf16, repeats=20),
             }
             print(json.dumps(row), flush=True)

@@ -222,12 +222,17 @@ if ON_GPU:
     FUSED_BATCHES = [1, 2, 4, 16, 17, 64, 256]
     # (None: as many ranges of K as fill the GPU)
     FUSED_SPLITS = [None, 1]
+    # Rows per expert when a layer is read as a stack of experts (MoE).
+    EXPERT_ROWS = 1024
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
     TRITON_BATCHES = [2, kernels.MIN_TRITON_TOKENS, 17, 130]
     FUSED_BATCHES = [1, 3, 17, 130]
     FUSED_SPLITS = [1, 3]
+    # Fewer than a program of the decode kernel covers, so one program
+    # gathers rows of several experts.
+    EXPERT_ROWS = 8
 FORMATS = [
     ("nf4", True, 64),
     ("nf4", False, 64),
@@ -389,6 +394,57 @@ def test_matmul_writes_all_of_out(layers, tokens):
     assert torch.equal(out, kernels.matmul(x, layer.merged))
 
 
+def random_routing(tokens, num_experts, top_k, seed):
+    """Each token's `top_k` distinct experts, as a router picks them."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = [
+        torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)
+    ]
+    return torch.stack(picks).to(DEVICE, torch.int32)
+
+
+@pytest.mark.parametrize(
+    "num_experts, tokens, top_k",
+    [(8, 1, 2), (8, 3, 2), (60, 4, 4), (128, 15, 8)],
+)
+def test_compact_routing_covers_every_routed_expert(num_experts, tokens, top_k):
+    """The experts to decode are distinct and include every routed one, and
+    the renumbered ids pick out the routed experts from them."""
+    topk_ids = random_routing(tokens, num_experts, top_k, seed=num_experts)
+    # Tokens that share their experts leave unrouted ones to fill the slots.
+    topk_ids[-1] = topk_ids[0]
+    routed, ids = kernels.compact_routing(topk_ids, num_experts)
+    assert routed.numel() == min(num_experts, topk_ids.numel())
+    assert len(set(routed.tolist())) == routed.numel()
+    assert ids.dtype == topk_ids.dtype and ids.shape == topk_ids.shape
+    assert torch.equal(routed[ids.long()], topk_ids.long())
+
+
+def test_routed_experts_decode_to_bitsandbytes_weights(layers):
+    """A layer read as a stack of experts: decoding a selection of them, in
+    any order and with repeats, gives bitsandbytes' weights of those
+    experts, and with `compact_routing` each token's experts."""
+    for layer in layers:
+        merged = layer.merged
+        columns = layer.reference.shape[1]
+        experts = layer.reference.view(-1, EXPERT_ROWS, columns)
+        num_experts = experts.shape[0]
+        selection = torch.tensor([2, 0, 2, num_experts - 1], device=DEVICE)
+        topk_ids = random_routing(2, num_experts, 2, seed=num_experts)
+        routed, ids = kernels.compact_routing(topk_ids, num_experts)
+        for chosen in (selection, routed):
+            decoded = kernels.dequantize(
+                merged.packed,
+                merged.state.absmax,
+                merged.table,
+                merged.state.blocksize,
+                chosen,
+                EXPERT_ROWS,
+            ).view(-1, EXPERT_ROWS, columns)
+            assert torch.equal(decoded, experts[chosen])
+        assert torch.equal(decoded[ids.long()], experts[topk_ids.long()])
+
+
 @pytest.mark.parametrize("tokens", range(1, kernels.MIN_TRITON_TOKENS))
 def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
     """Where bitsandbytes runs (one token; below MIN_TRITON_TOKENS for blocks
@@ -433,3 +489,35 @@ if ON_GPU:
             static_x.copy_(random_input(tokens, columns, seed=seed))
             graph.replay()
             assert torch.equal(static_out, matmul(static_x, layer.merged))
+
+    def test_routed_decode_cuda_graph_replay(layers):
+        """The routing compaction and the decode of routed experts, captured
+        once and replayed on new routings: the results of eager calls."""
+        merged = layers[0].merged
+        num_experts = merged.state.shape[0] // EXPERT_ROWS
+
+        def decode_routed(topk_ids):
+            routed, ids = kernels.compact_routing(topk_ids, num_experts)
+            state = merged.state
+            decoded = kernels.dequantize(
+                merged.packed,
+                state.absmax,
+                merged.table,
+                state.blocksize,
+                routed,
+                EXPERT_ROWS,
+            )
+            return decoded, ids
+
+        static_ids = random_routing(1, num_experts, 2, seed=1)
+        decode_routed(static_ids)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_decoded, static_compact = decode_routed(static_ids)
+        for seed in (2, 3):
+            static_ids.copy_(random_routing(1, num_experts, 2, seed=seed))
+            graph.replay()
+            decoded, ids = decode_routed(static_ids)
+            assert torch.equal(static_decoded, decoded)
+            assert torch.equal(static_compact, ids)

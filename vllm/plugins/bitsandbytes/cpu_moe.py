@@ -7,8 +7,11 @@ On CPU, vLLM's unquantized fused-MoE method does not use the GPU router
 routing with the torch `select_experts` of `cpu_fused_moe` and then running
 experts prepared once from the layer's weights. bitsandbytes' experts are
 dequantized anew on every forward, so they cannot be prepared once; this
-module routes the same way and runs the dequantized experts directly.
+module routes the same way and runs the routed experts, each dequantized
+when its turn comes.
 """
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,15 +43,15 @@ def route(layer: nn.Module, x: Tensor, router_logits: Tensor) -> tuple[Tensor, T
 def run_experts(
     layer: nn.Module,
     x: Tensor,
-    w13: Tensor,
-    w2: Tensor,
+    expert_weights: Callable[[int], tuple[Tensor, Tensor]],
     topk_weights: Tensor,
     topk_ids: Tensor,
 ) -> Tensor:
     """Sum of each token's chosen experts, weighted by the router.
 
-    `w13` is `[experts, 2 * intermediate, hidden]` (gate rows, then up rows)
-    and `w2` is `[experts, hidden, intermediate]`, this rank's slices; with
+    `expert_weights` gives a local expert's `w13`, `[2 * intermediate,
+    hidden]` (gate rows, then up rows), and `w2`, `[hidden, intermediate]`,
+    this rank's slices; only routed experts are asked for. With
     tensor parallelism the result is this rank's partial sum, which the
     caller all-reduces as for any MoE method. Expert ids are global; an
     expert map (expert parallelism) turns them into local ones, -1 for
@@ -56,19 +59,20 @@ def run_experts(
     """
     if layer.expert_map is not None:
         topk_ids = layer.expert_map[topk_ids.long()]
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert in topk_ids.unique().tolist():
         if expert < 0:
             continue
+        w13, w2 = expert_weights(expert)
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
         weights = topk_weights[tokens, slots].float().unsqueeze(1)
         inputs = x[tokens]
         if layer.apply_router_weight_on_input:
             inputs = inputs * weights.to(inputs.dtype)
-        gate_up = inputs @ w13[expert].t()
-        hidden = gate_up.new_empty(gate_up.shape[0], w2.shape[2])
+        gate_up = inputs @ w13.t()
+        hidden = gate_up.new_empty(gate_up.shape[0], w2.shape[1])
         apply_moe_activation(layer.activation, hidden, gate_up)
-        expert_out = (hidden @ w2[expert].t()).float()
+        expert_out = (hidden @ w2.t()).float()
         if not layer.apply_router_weight_on_input:
             expert_out = expert_out * weights
         out.index_add_(0, tokens, expert_out)

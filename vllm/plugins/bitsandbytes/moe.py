@@ -5,12 +5,16 @@
 All experts of a layer share one packed tensor per projection: `w13_weight`
 holds, per expert, the packed gate (w1) rows followed by the packed up (w3)
 rows; `w2_weight` the packed down projection. The loader fuses the experts'
-quantization states into one state per tensor, so a forward pass dequantizes
-each tensor with a single call and runs the unquantized fused-MoE kernel (on
-CPU, where that kernel and its router are CUDA-only, the torch routine of
-`cpu_moe`).
+quantization states into one state per tensor, in whole blocks per expert.
+
+A forward pass dequantizes only the experts its tokens are routed to (a
+token picks `top_k` of them, so a decode step of a few tokens needs a few
+experts, not all) and runs the unquantized fused-MoE kernel on them. On CPU,
+where that kernel and its router are CUDA-only, the torch routine of
+`cpu_moe` runs instead.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,17 +95,29 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         shared_experts: fused_moe.SharedExperts | None,
         shared_experts_input: Tensor | None,
     ) -> Tensor:
-        w13, w2 = self._dequantized_experts(layer)
+        num_experts = layer.global_num_experts
+        expert_map = layer.expert_map
+        routed = None
+        if (
+            expert_map is None
+            and topk_ids.numel() < num_experts
+            and layer.w13_weight.bnb_merged is not None
+            and layer.w2_weight.bnb_merged is not None
+        ):
+            from vllm.plugins.bitsandbytes.triton_4bit import compact_routing
+
+            routed, topk_ids = compact_routing(topk_ids, num_experts)
+            num_experts = routed.numel()
         return fused_moe.fused_experts(
             x,
-            w13,
-            w2,
+            _dequantize(layer.w13_weight, routed),
+            _dequantize(layer.w2_weight, routed),
             topk_weights,
             topk_ids,
             activation=layer.activation,
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            global_num_experts=layer.global_num_experts,
-            expert_map=layer.expert_map,
+            global_num_experts=num_experts,
+            expert_map=expert_map,
             quant_config=None,
         )
 
@@ -121,8 +137,7 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         from vllm.plugins.bitsandbytes.cpu_moe import route, run_experts
 
         topk_weights, topk_ids = route(layer, x, router_logits)
-        w13, w2 = self._dequantized_experts(layer)
-        return run_experts(layer, x, w13, w2, topk_weights, topk_ids)
+        return run_experts(layer, x, _expert_weights(layer), topk_weights, topk_ids)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """On CUDA, let the plugin's Triton kernel decode bfloat16 experts."""
@@ -136,25 +151,52 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
                     weight.data.reshape(-1), [state]
                 )
 
-    @staticmethod
-    def _dequantized_experts(layer: nn.Module) -> tuple[Tensor, Tensor]:
-        """`w13` and `w2` of all experts, each dequantized with one call."""
-        return _dequantize(layer.w13_weight), _dequantize(layer.w2_weight)
 
+def _dequantize(weight: nn.Parameter, routed: Tensor | None) -> Tensor:
+    """The experts of `routed`, in that order, or all experts if it is None.
 
-def _dequantize(weight: nn.Parameter) -> Tensor:
-    """All experts of a fused weight, by the Triton kernel where it was
-    prepared for it, else by bitsandbytes."""
+    The Triton kernel decodes where `process_weights_after_loading` prepared
+    it (`routed` needs it), bitsandbytes elsewhere."""
+    num_experts, rows, columns = weight.experts_shape
     merged = weight.bnb_merged
     if merged is None:
         from bitsandbytes.functional import dequantize_4bit
 
         flat = dequantize_4bit(weight.reshape(-1, 1), weight.bnb_quant_state)
-    else:
-        from vllm.plugins.bitsandbytes import triton_4bit
+        return flat.reshape(num_experts, rows, columns)
+    from vllm.plugins.bitsandbytes import triton_4bit
 
-        state = merged.state
-        flat = triton_4bit.dequantize(
-            merged.packed, state.absmax, merged.table, state.blocksize
-        )
-    return flat.reshape(weight.experts_shape)
+    state = merged.state
+    flat = triton_4bit.dequantize(
+        merged.packed, state.absmax, merged.table, state.blocksize, routed, rows
+    )
+    return flat.reshape(-1, rows, columns)
+
+
+def _expert_weights(layer: nn.Module) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """A function from a local expert id to its dequantized w13 and w2."""
+    return lambda expert: (
+        _dequantize_expert(layer.w13_weight, expert),
+        _dequantize_expert(layer.w2_weight, expert),
+    )
+
+
+def _dequantize_expert(weight: nn.Parameter, expert: int) -> Tensor:
+    """One expert of a fused weight, by bitsandbytes (the loader checked that
+    its blocks lie within it)."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    _, rows, columns = weight.experts_shape
+    state = weight.bnb_quant_state
+    size = rows * columns
+    blocks = size // state.blocksize
+    packed = weight.data.reshape(-1)[expert * size // 2 : (expert + 1) * size // 2]
+    expert_state = QuantState(
+        absmax=state.absmax[expert * blocks : (expert + 1) * blocks],
+        shape=torch.Size((rows, columns)),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+    )
+    return dequantize_4bit(packed.reshape(-1, 1), expert_state)

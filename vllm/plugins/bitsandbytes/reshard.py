@@ -108,7 +108,8 @@ def reshard_4bit(
         ]
         part_shape = (rows, len(run))
     part_state = QuantState(
-        absmax=absmax.contiguous(),
+        # Flat, as bitsandbytes' own states: a slice of it is a range of blocks.
+        absmax=absmax.contiguous().reshape(-1),
         shape=torch.Size(part_shape),
         code=state.code,
         blocksize=blocksize,

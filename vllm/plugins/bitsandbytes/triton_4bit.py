@@ -16,6 +16,9 @@ multiplies, as vLLM's AWQ path does for large batches. Both Triton paths
 multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s weights
 (code value times block absmax in float32, rounded to bfloat16).
 
+The fused-MoE method (`moe.py`) decodes experts with the same kernel, only
+those its tokens are routed to (`compact_routing`).
+
 The module imports only torch, triton and bitsandbytes, so it is checked on
 a CPU under `TRITON_INTERPRET=1` and timed on a GPU without vLLM.
 """
@@ -98,36 +101,45 @@ def _dequantize_kernel(
     weight_ptr,
     absmax_ptr,
     table_ptr,
+    experts_ptr,
     out_ptr,
     N,
     K,
+    EXPERT_ROWS,
     BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr,
     GROUPS: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """BLOCK_N rows and GROUPS groups of GROUP columns of the bfloat16 weight.
 
     A group lies inside one absmax block, so each decoded value needs one
-    broadcast absmax.
+    broadcast absmax. With GATHER, the weight is a stack of experts of
+    EXPERT_ROWS rows each, and output expert i is stored expert
+    `experts_ptr[i]`.
     """
     HALF: tl.constexpr = GROUP // 2
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * GROUPS * GROUP
     groups = tl.arange(0, GROUPS)
     row_mask = rows < N
+    stored_rows = rows.to(tl.int64)
+    if GATHER:
+        expert = tl.load(experts_ptr + rows // EXPERT_ROWS, mask=row_mask, other=0)
+        stored_rows = expert.to(tl.int64) * EXPERT_ROWS + rows % EXPERT_ROWS
     step_bytes = groups[:, None] * HALF + tl.arange(0, HALF)[None, :]
     step_columns = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     packed = tl.load(
         weight_ptr
-        + rows.to(tl.int64)[:, None, None] * (K // 2)
+        + stored_rows[:, None, None] * (K // 2)
         + (k // 2 + step_bytes)[None],
         mask=row_mask[:, None, None],
         other=0,
     )
     absmax = tl.load(
         absmax_ptr
-        + rows.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+        + stored_rows[:, None] * (K // BLOCKSIZE)
         + ((k + groups * GROUP) // BLOCKSIZE)[None, :],
         mask=row_mask[:, None],
         other=0.0,
@@ -146,10 +158,21 @@ def _largest_step(columns: int, limit: int) -> int:
 
 
 def dequantize(
-    weight: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int
+    weight: torch.Tensor,
+    absmax: torch.Tensor,
+    table: torch.Tensor,
+    blocksize: int,
+    experts: torch.Tensor | None = None,
+    expert_rows: int = 0,
 ) -> torch.Tensor:
-    """The (N, K) bfloat16 weight of packed (N, K/2) bytes and their absmax."""
+    """The (N, K) bfloat16 weight of packed (N, K/2) bytes and their absmax.
+
+    With `experts`, the weight is a stack of experts of `expert_rows` rows
+    each, and only those experts are decoded, in that order.
+    """
     rows, columns = weight.shape[0], 2 * weight.shape[1]
+    if experts is not None:
+        rows = experts.numel() * expert_rows
     out = torch.empty(rows, columns, dtype=torch.bfloat16, device=weight.device)
     step = _largest_step(columns, 512)
     group = min(blocksize, step)
@@ -157,16 +180,39 @@ def dequantize(
         weight,
         absmax,
         table,
+        experts,
         out,
         rows,
         columns,
+        expert_rows,
         BLOCKSIZE=blocksize,
         BLOCK_N=_DEQUANTIZE_ROWS,
         GROUP=group,
         GROUPS=step // group,
+        GATHER=experts is not None,
         num_warps=4,
     )
     return out
+
+
+def compact_routing(
+    topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts to decode for `topk_ids`, and the ids renumbered into them.
+
+    Returns `routed`, `topk_ids.numel()` distinct experts that include every
+    routed one (padded with unrouted ones when tokens share experts), and
+    ids such that `routed[ids] == topk_ids`. The sizes depend only on the
+    shapes, and nothing waits for the GPU, so CUDA graphs capture it.
+    """
+    is_routed = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
+    is_routed[topk_ids.flatten().long()] = True
+    # A stable sort puts the routed experts first, in id order.
+    order = torch.argsort(is_routed.logical_not().to(torch.uint8), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(num_experts, device=order.device)
+    routed = order[: topk_ids.numel()]
+    return routed, position[topk_ids.long()].to(topk_ids.dtype)
 
 
 class MergedWeight(NamedTuple):
