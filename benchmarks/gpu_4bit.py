@@ -17,6 +17,8 @@ it, median of the repetitions, in one run:
   `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
   the tensor cores, at every batch size;
+- ``gemv`` (one token only): the candidate GEMV of `benchmarks/gemv_4bit.py`,
+  against which ``bnb_merged`` is the call the plugin makes today;
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -43,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -165,6 +168,9 @@ class Layer:
     def fused(self, x):
         return fused_4bit.matmul(x, self.merged)
 
+    def gemv(self, x):
+        return gemv_4bit.matmul(x, self.merged)
+
     def triton(self, x):
         merged = self.merged
         weights = kernels.dequantize(
@@ -218,6 +224,9 @@ def measure_layers(layers, batches):
                 "triton_rel_err": relative_error(layer.triton(x), reference),
                 "bnb_rel_err": relative_error(layer.bnb(x, out), reference),
             }
+            if batch == 1:
+                row["gemv_us"] = graph_us(layer.gemv, x)
+                row["gemv_rel_err"] = relative_error(layer.gemv(x), reference)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -228,8 +237,9 @@ def decoder_layer_summary(rows):
     summary = {}
     for row in rows:
         total = summary.setdefault(row["batch"], {"batch": row["batch"]})
-        for side in SIDES:
-            total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
+        for side in (*SIDES, "gemv"):
+            if f"{side}_us" in row:
+                total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
     return [summary[b] for b in sorted(summary)]
 
 
@@ -457,6 +467,13 @@ def main(argv=None):
             f"{total['fused_us'] / total['bf16_us']:.2f} | "
             f"{total['fused_us'] / total['limit_us']:.2f}"
         )
+        if "gemv_us" in total:
+            print(
+                f"batch 1 GEMV candidate: {total['gemv_us']:.1f} µs per decoder "
+                f"layer, {total['gemv_us'] / total['bnb_merged_us']:.2f}× "
+                f"bitsandbytes' GEMV, {total['gemv_us'] / total['limit_us']:.2f}× "
+                "the limit"
+            )
     try:
         chart(report["decoder_layer"], args.out / "gpu_4bit.png")
     except ImportError:

@@ -1,30 +1,35 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Machine instructions per weight of the fused 4-bit kernel, without a GPU.
+"""Machine instructions per weight of the fused 4-bit kernel and of the
+candidate GEMV, without a GPU.
 
 Usage (any machine with torch and triton; no GPU, no CUDA driver)::
 
     python3 -m benchmarks.gpu_4bit_sass [--arch 90]
 
-Compiles `fused_4bit.fused_kernel` for an NVIDIA architecture (sm_90, the
-H100/H200, by default) with Triton's bundled ptxas, disassembles it with its
-bundled nvdisasm, and counts the SASS instructions in the kernel's main loop
-per weight and thread, by opcode. It is a static count of the code a GPU
-would run, the budget the kernel design works against (an H200 issues about
-3.3e13 thread-instructions per second, so a Llama-3-8B decoder layer's 218
-million weights at 6 instructions each need at least 40 µs); it says
-nothing about latency or memory stalls, which only a GPU run measures
-(`benchmarks/gpu_4bit.py`).
+Compiles `fused_4bit.fused_kernel` and `gemv_4bit.gemv_kernel` for an NVIDIA
+architecture (sm_90, the H100/H200, by default) with Triton's bundled ptxas,
+disassembles them with its bundled nvdisasm, and counts the SASS
+instructions in each kernel's main loop per weight and thread, by opcode. It
+is a static count of the code a GPU would run, the budget the kernel design
+works against (an H200 issues about 3.3e13 thread-instructions per second,
+so a Llama-3-8B decoder layer's 218 million weights at 6 instructions each
+need at least 40 µs); it says nothing about latency or memory stalls, which
+only a GPU run measures (`benchmarks/gpu_4bit.py`).
 """
 
 import argparse
 import collections
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
+from benchmarks import gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 
 SIGNATURE = {
@@ -52,15 +57,26 @@ NUM_WARPS = 4
 COLUMNS = 4096
 
 
-def compile_kernel(arch, tokens, split):
-    """The kernel as `fused_4bit.matmul` launches it for `tokens` tokens."""
-    block_m, chunks, stages = fused_4bit.launch_config(tokens, COLUMNS)
-    names = list(SIGNATURE)
-    aligned = [n for n, t in SIGNATURE.items() if t.startswith("*")]
+def _compile(kernel, signature, constants, arch, num_warps, num_stages):
+    """`kernel` compiled for sm_`arch` as a launch at Llama-3-8B shapes sees
+    it: 16-byte aligned pointers, DIVISIBLE_BY_16 integers divisible by 16."""
+    names = list(signature)
+    aligned = [n for n, t in signature.items() if t.startswith("*")]
     attrs = {
         (names.index(name),): [["tt.divisibility", 16]]
-        for name in aligned + list(DIVISIBLE_BY_16)
+        for name in aligned + [n for n in DIVISIBLE_BY_16 if n in signature]
     }
+    source = ASTSource(
+        fn=kernel, signature=signature, constexprs=constants, attrs=attrs
+    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_kernel(arch, tokens, split):
+    """The fused kernel as `fused_4bit.matmul` launches it for `tokens`
+    tokens, and the weights per thread of one step of its main loop."""
+    block_m, chunks, stages = fused_4bit.launch_config(tokens, COLUMNS)
     constants = {
         "BLOCKSIZE": 64,
         "BLOCK_N": fused_4bit.ROWS,
@@ -68,15 +84,25 @@ def compile_kernel(arch, tokens, split):
         "CHUNKS": chunks,
         "SPLIT": split,
     }
-    source = ASTSource(
-        fn=fused_4bit.fused_kernel,
-        signature=SIGNATURE,
-        constexprs=constants,
-        attrs=attrs,
+    kernel = _compile(
+        fused_4bit.fused_kernel, SIGNATURE, constants, arch, NUM_WARPS, stages
     )
-    options = {"num_warps": NUM_WARPS, "num_stages": stages}
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return kernel, fused_4bit.ROWS * 64 * chunks / (32 * NUM_WARPS)
+
+
+def compile_gemv(arch, split):
+    """The candidate GEMV as `gemv_4bit.matmul` launches it, and the weights
+    per thread of one step of its main loop."""
+    signature = {
+        name: kind
+        for name, kind in SIGNATURE.items()
+        if name not in ("M", "stride_xm", "stride_om")
+    }
+    constants = {"BLOCKSIZE": 64, "BLOCK_N": gemv_4bit.ROWS, "SPLIT": split}
+    kernel = _compile(
+        gemv_4bit.gemv_kernel, signature, constants, arch, gemv_4bit.NUM_WARPS, 1
+    )
+    return kernel, gemv_4bit.ROWS * 64 / (32 * gemv_4bit.NUM_WARPS)
 
 
 def main_loop(sass):
@@ -104,8 +130,13 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}, main loop per weight")
-    for block_m in (16, 64, 128):
-        kernel, weights_per_thread = compile_kernel(args.arch, block_m, 1)
+    kernels = [
+        (f"BLOCK_M {block_m:3d}", compile_kernel(args.arch, block_m, 1))
+        for block_m in (16, 64, 128)
+    ]
+    # Split K as on an H200 for the gate/up layer (56 programs, 132 SMs).
+    kernels.append(("GEMV (1 token)", compile_gemv(args.arch, 5)))
+    for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)
         top = ", ".join(
@@ -113,9 +144,31 @@ def main(argv=None):
             for op, count in opcodes.most_common(8)
         )
         print(
-            f"BLOCK_M {block_m:3d}: {len(loop) / weights_per_thread:.2f} "
-            f"instructions ({top})"
+            f"{label}: {len(loop) / weights_per_thread:.2f} instructions ({top}); "
+            f"shared memory in the loop: {_shared_memory_ops(opcodes)}; "
+            f"{_registers(kernel)} registers"
         )
+
+
+def _registers(kernel):
+    """Registers per thread, as Triton's bundled cuobjdump reads the cubin."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [tools / "cuobjdump", "-res-usage", cubin.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def _shared_memory_ops(opcodes):
+    """Shared-memory accesses and barriers per loop iteration, by opcode."""
+    ops = {op: n for op, n in opcodes.items() if op in ("LDS", "STS", "BAR")}
+    return ", ".join(f"{op} {n}" for op, n in sorted(ops.items())) or "none"
 
 
 if __name__ == "__main__":

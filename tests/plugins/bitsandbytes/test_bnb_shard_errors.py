@@ -110,8 +110,10 @@ def corrupt_tensor(model: Path, tensor: str, value: float) -> Path:
         (
             "llama-bnb-nf4-dq-3-shards",
             "model.layers.1.mlp.down_proj.weight.nested_absmax",
-            "The bitsandbytes quant_state of model.layers.1.mlp.down_proj.weight "
-            "is corrupt: nested_absmax holds NaN",
+            (
+                "The bitsandbytes quant_state of model.layers.1.mlp.down_proj.weight "
+                "is corrupt: nested_absmax holds NaN"
+            ),
         ),
         (
             "llama-bnb-int8-3-shards",

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fused 4-bit kernel compiled for an H200 (sm_90) without a GPU: its main
-loop must stay a register decode, far below the 11 to 15 instructions per
-weight that a table load per weight costs.
+"""The fused 4-bit kernel and the candidate GEMV compiled for an H200 (sm_90)
+without a GPU: their main loops must stay a register decode, far below the
+11 to 15 instructions per weight that a table load per weight costs.
 
 `benchmarks.gpu_4bit_sass` compiles with the triton in this environment and
 its bundled ptxas; the count is deterministic for a given triton release.
@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPOSITORY = Path(__file__).resolve().parents[3]
 
 
-def test_main_loop_decodes_in_registers():
+@pytest.fixture(scope="module")
+def printed():
+    """What `benchmarks.gpu_4bit_sass` prints."""
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_4bit_sass"],
         cwd=REPOSITORY,
@@ -24,14 +28,33 @@ def test_main_loop_decodes_in_registers():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = re.findall(
-        r"BLOCK_M +(\d+): ([\d.]+) instructions \((.*)\)", result.stdout
-    )
+    return result.stdout
+
+
+def test_main_loop_decodes_in_registers(printed):
+    counts = re.findall(r"BLOCK_M +(\d+): ([\d.]+) instructions \((.*)\)", printed)
     assert [int(block_m) for block_m, _, _ in counts] == [16, 64, 128]
     for _, per_weight, top in counts:
-        assert float(per_weight) < 8, result.stdout
+        assert float(per_weight) < 8, printed
         opcodes = [entry.split()[0] for entry in top.split(", ")]
         # The decode is byte permutes, and no weight is loaded on its own
         # (tiles arrive by LDGSTS, asynchronous copies).
-        assert opcodes[0] == "PRMT", result.stdout
-        assert "LDG" not in opcodes, result.stdout
+        assert opcodes[0] == "PRMT", printed
+        assert "LDG" not in opcodes, printed
+
+
+def test_gemv_main_loop_decodes_in_registers_without_shared_memory(printed):
+    """The GEMV's whole step stays in registers: a layout conversion through
+    shared memory (with its barriers) in the loop is what the candidate's
+    layout is built to avoid."""
+    (count,) = re.findall(
+        r"GEMV \(1 token\): ([\d.]+) instructions \((.*)\); "
+        r"shared memory in the loop: ([^;]*); (\d+) registers",
+        printed,
+    )
+    per_weight, top, shared, registers = count
+    assert float(per_weight) < 7, printed
+    assert top.split()[0] == "PRMT", printed
+    assert shared == "none", printed
+    # 3 programs of 128 threads fit in an SM's 65536 registers.
+    assert int(registers) * 128 * 3 <= 65536, printed

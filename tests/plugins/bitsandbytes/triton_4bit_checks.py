@@ -37,6 +37,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
+from benchmarks import gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -361,6 +362,41 @@ def test_fused_matmul_writes_all_of_out(layers):
             assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=split))
 
 
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_gemv_matches_float32_reference(layers, split):
+    """The candidate GEMV (`benchmarks/gemv_4bit.py`), one token."""
+    for index, layer in enumerate(fused_layers(layers)):
+        x = random_input(1, layer.reference.shape[1], seed=index)
+        out = gemv_4bit.matmul(x, layer.merged, split=split)
+        assert_matches_float32_reference(out, x, layer.reference)
+
+
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_gemv_multiplies_by_the_exact_weights(layers, split):
+    """A one-hot token picks a column of weights, exactly: columns in both
+    nibbles of a byte, both halves of a chunk, the first and last chunk."""
+    for layer in fused_layers(layers):
+        columns = layer.reference.shape[1]
+        for column in (0, 1, 30, 33, 62, columns - 1):
+            x = torch.zeros(1, columns, dtype=torch.bfloat16, device=DEVICE)
+            x[0, column] = 1
+            out = gemv_4bit.matmul(x, layer.merged, split=split)
+            assert torch.equal(out[0], layer.reference[:, column])
+
+
+def test_gemv_refuses_what_it_does_not_multiply(layers):
+    for layer in layers:
+        x = random_input(2, layer.reference.shape[1], seed=3)
+        if not fused_4bit.supports(layer.merged):
+            with pytest.raises(ValueError, match="multiple of 64"):
+                gemv_4bit.matmul(x[:1], layer.merged)
+            continue
+        with pytest.raises(ValueError, match="one token of bfloat16"):
+            gemv_4bit.matmul(x, layer.merged)
+        with pytest.raises(ValueError, match="one token of bfloat16"):
+            gemv_4bit.matmul(x[:1].half(), layer.merged)
+
+
 def one_hot_rows(tokens, columns):
     """x whose row i is 1 at column picked[i] and 0 elsewhere."""
     picked = torch.randperm(columns, generator=torch.Generator().manual_seed(0))
@@ -461,18 +497,31 @@ def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
 
 if ON_GPU:
 
-    @pytest.mark.parametrize("tokens", [1, 16, 256])
     @pytest.mark.parametrize(
-        "matmul", [kernels.matmul, fused_4bit.matmul], ids=["shipped", "fused"]
+        "tokens, matmul",
+        [
+            *[(t, kernels.matmul) for t in (1, 16, 256)],
+            *[(t, fused_4bit.matmul) for t in (1, 16, 256)],
+            (1, gemv_4bit.matmul),
+        ],
+        ids=[
+            "shipped-1",
+            "shipped-16",
+            "shipped-256",
+            "fused-1",
+            "fused-16",
+            "fused-256",
+            "gemv-1",
+        ],
     )
     def test_cuda_graph_replay(layers, tokens, matmul):
         """Captured once, replayed on new inputs: the results of eager calls,
-        on each of the shipped matmul's paths and on the fused kernel at
-        every token count. Split K included: the fused kernel's arrival
+        on each of the shipped matmul's paths, on the fused kernel at every
+        token count and on the candidate GEMV. Split K included: the arrival
         counts reset themselves, so every replay adds its partial sums
         afresh."""
         candidates = layers
-        if matmul is fused_4bit.matmul:
+        if matmul is not kernels.matmul:
             # Blocks of 32: every layer is refused (fused_layers checks it).
             candidates = list(fused_layers(layers))
             if not candidates:

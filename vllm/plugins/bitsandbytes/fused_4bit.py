@@ -194,10 +194,7 @@ def fused_kernel(
 
     A step covers CHUNKS chunks of 64 columns (8 words; one absmax each, as
     blocks are multiples of 64), held by one thread each, so a thread builds
-    each table once. With SPLIT > 1 each program stores its float32 partial
-    sums; the last one of a tile to arrive adds them in split order (the
-    result does not depend on timing), writes `out` and resets the tile's
-    arrival count for the next call.
+    each table once.
     """
     STEP: tl.constexpr = 64 * CHUNKS
     pid_n = tl.program_id(0)
@@ -252,6 +249,48 @@ def fused_kernel(
             acc += tl.dot(weights.to(tl.float32), x.to(tl.float32))
         else:
             acc = tl.dot(weights, x, acc)
+    _write_tile(
+        acc,
+        rows,
+        tokens,
+        row_mask,
+        token_mask,
+        partial_ptr,
+        arrivals_ptr,
+        out_ptr,
+        M,
+        N,
+        stride_om,
+        pid_k,
+        pid_m * tl.num_programs(0) + pid_n,
+        SPLIT,
+    )
+
+
+@triton.jit
+def _write_tile(
+    acc,
+    rows,
+    tokens,
+    row_mask,
+    token_mask,
+    partial_ptr,
+    arrivals_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_om,
+    pid_k,
+    tile,
+    SPLIT: tl.constexpr,
+):
+    """Store a tile's float32 sums `acc` (rows, tokens) to `out` as bfloat16.
+
+    With SPLIT > 1 each program stores its partial sums; the last one of
+    the tile to arrive adds them in split order (the result does not depend
+    on timing), writes `out` and resets the tile's arrival count for the
+    next call.
+    """
     out_mask = row_mask[:, None] & token_mask[None, :]
     out_offsets = tokens[None, :] * stride_om + rows[:, None]
     if SPLIT == 1:
@@ -260,10 +299,9 @@ def fused_kernel(
         partial_offsets = tokens.to(tl.int64)[None, :] * N + rows[:, None]
         tl.store(partial_ptr + pid_k * M * N + partial_offsets, acc, mask=out_mask)
         tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            total = tl.zeros(acc.shape, dtype=tl.float32)
             for split in tl.static_range(SPLIT):
                 total += tl.load(
                     partial_ptr + split * M * N + partial_offsets,
