@@ -11,17 +11,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-CHECKS = Path(__file__).with_name("triton_4bit_checks.py")
+HERE = Path(__file__).parent
 
 
-def test_triton_4bit_kernels():
+@pytest.mark.parametrize("checks", ["triton_4bit_checks.py", "moe_routing_checks.py"])
+def test_triton_4bit_kernels(checks):
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / checks),
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -95,29 +95,17 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         shared_experts: fused_moe.SharedExperts | None,
         shared_experts_input: Tensor | None,
     ) -> Tensor:
-        num_experts = layer.global_num_experts
-        expert_map = layer.expert_map
-        routed = None
-        if (
-            expert_map is None
-            and topk_ids.numel() < num_experts
-            and layer.w13_weight.bnb_merged is not None
-            and layer.w2_weight.bnb_merged is not None
-        ):
-            from vllm.plugins.bitsandbytes.triton_4bit import compact_routing
-
-            routed, topk_ids = compact_routing(topk_ids, num_experts)
-            num_experts = routed.numel()
+        w13, w2, topk_ids, num_experts = _experts_for(layer, topk_ids)
         return fused_moe.fused_experts(
             x,
-            _dequantize(layer.w13_weight, routed),
-            _dequantize(layer.w2_weight, routed),
+            w13,
+            w2,
             topk_weights,
             topk_ids,
             activation=layer.activation,
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
             global_num_experts=num_experts,
-            expert_map=expert_map,
+            expert_map=layer.expert_map,
             quant_config=None,
         )
 
@@ -150,6 +138,33 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
                 weight.bnb_merged = triton_4bit.merge_shards(
                     weight.data.reshape(-1), [state]
                 )
+
+
+def _experts_for(
+    layer: nn.Module, topk_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The dequantized `w13` and `w2` that `topk_ids` needs, the ids into
+    them, and how many experts they hold.
+
+    Only the routed experts where the Triton kernel decodes (bfloat16 models
+    on CUDA) and a batch routes to fewer slots than there are experts; all
+    of them otherwise, and under expert parallelism, whose expert map
+    numbers the experts.
+    """
+    num_experts = layer.global_num_experts
+    routed = None
+    if (
+        layer.expert_map is None
+        and topk_ids.numel() < num_experts
+        and layer.w13_weight.bnb_merged is not None
+        and layer.w2_weight.bnb_merged is not None
+    ):
+        from vllm.plugins.bitsandbytes.triton_4bit import compact_routing
+
+        routed, topk_ids = compact_routing(topk_ids, num_experts)
+        num_experts = routed.numel()
+    w13 = _dequantize(layer.w13_weight, routed)
+    return w13, _dequantize(layer.w2_weight, routed), topk_ids, num_experts
 
 
 def _dequantize(weight: nn.Parameter, routed: Tensor | None) -> Tensor:
