@@ -19,6 +19,9 @@ it, median of the repetitions, in one run:
   the tensor cores, at every batch size;
 - ``gemv`` (one token only): the candidate GEMV of `benchmarks/gemv_4bit.py`,
   against which ``bnb_merged`` is the call the plugin makes today;
+- ``chunked`` (beyond `FUSED_TOKENS`): the candidate of
+  `benchmarks/chunked_4bit.py`, decode + cuBLAS a chunk of rows at a time
+  in L2, against ``triton``, the call the plugin makes today;
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -45,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import gemv_4bit
+from benchmarks import chunked_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -171,6 +174,9 @@ class Layer:
     def gemv(self, x):
         return gemv_4bit.matmul(x, self.merged)
 
+    def chunked(self, x):
+        return chunked_4bit.matmul(x, self.merged)
+
     def triton(self, x):
         merged = self.merged
         weights = kernels.dequantize(
@@ -227,6 +233,9 @@ def measure_layers(layers, batches):
             if batch == 1:
                 row["gemv_us"] = graph_us(layer.gemv, x)
                 row["gemv_rel_err"] = relative_error(layer.gemv(x), reference)
+            if batch > kernels.FUSED_TOKENS[1]:
+                row["chunked_us"] = graph_us(layer.chunked, x)
+                row["chunked_rel_err"] = relative_error(layer.chunked(x), reference)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -237,7 +246,7 @@ def decoder_layer_summary(rows):
     summary = {}
     for row in rows:
         total = summary.setdefault(row["batch"], {"batch": row["batch"]})
-        for side in (*SIDES, "gemv"):
+        for side in (*SIDES, "gemv", "chunked"):
             if f"{side}_us" in row:
                 total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
     return [summary[b] for b in sorted(summary)]
@@ -473,6 +482,13 @@ def main(argv=None):
                 f"layer, {total['gemv_us'] / total['bnb_merged_us']:.2f}× "
                 f"bitsandbytes' GEMV, {total['gemv_us'] / total['limit_us']:.2f}× "
                 "the limit"
+            )
+        if "chunked_us" in total:
+            print(
+                f"batch {total['batch']} chunked candidate: "
+                f"{total['chunked_us']:.1f} µs per decoder layer, "
+                f"{total['chunked_us'] / total['triton_us']:.2f}× decode + cuBLAS, "
+                f"{total['chunked_us'] / total['bf16_us']:.2f}× bf16"
             )
     try:
         chart(report["decoder_layer"], args.out / "gpu_4bit.png")

@@ -37,7 +37,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
-from benchmarks import gemv_4bit
+from benchmarks import chunked_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -397,6 +397,21 @@ def test_gemv_refuses_what_it_does_not_multiply(layers):
             gemv_4bit.matmul(x[:1].half(), layer.merged)
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 16, 1 << 20])
+def test_chunked_matmul_matches_float32_reference(layers, chunk_rows):
+    """The candidate of `benchmarks/chunked_4bit.py`: the weight decoded a
+    chunk of rows at a time (a row count no tile divides, one the decode
+    kernel's tile divides, the whole weight at once)."""
+    for index, layer in enumerate(layers):
+        columns = layer.reference.shape[1]
+        x = random_input(TRITON_BATCHES[-1], columns, seed=index)
+        out = chunked_4bit.matmul(x, layer.merged, chunk_bytes=2 * columns * chunk_rows)
+        assert_matches_float32_reference(out, x, layer.reference)
+        x, picked = one_hot_rows(16, columns)
+        out = chunked_4bit.matmul(x, layer.merged, chunk_bytes=2 * columns * chunk_rows)
+        assert torch.equal(out, layer.reference[:, picked].T)
+
+
 def one_hot_rows(tokens, columns):
     """x whose row i is 1 at column picked[i] and 0 elsewhere."""
     picked = torch.randperm(columns, generator=torch.Generator().manual_seed(0))
@@ -503,6 +518,7 @@ if ON_GPU:
             *[(t, kernels.matmul) for t in (1, 16, 256)],
             *[(t, fused_4bit.matmul) for t in (1, 16, 256)],
             (1, gemv_4bit.matmul),
+            (256, chunked_4bit.matmul),
         ],
         ids=[
             "shipped-1",
@@ -512,16 +528,17 @@ if ON_GPU:
             "fused-16",
             "fused-256",
             "gemv-1",
+            "chunked-256",
         ],
     )
     def test_cuda_graph_replay(layers, tokens, matmul):
         """Captured once, replayed on new inputs: the results of eager calls,
         on each of the shipped matmul's paths, on the fused kernel at every
-        token count and on the candidate GEMV. Split K included: the arrival
+        token count and on the candidates. Split K included: the arrival
         counts reset themselves, so every replay adds its partial sums
         afresh."""
         candidates = layers
-        if matmul is not kernels.matmul:
+        if matmul in (fused_4bit.matmul, gemv_4bit.matmul):
             # Blocks of 32: every layer is refused (fused_layers checks it).
             candidates = list(fused_layers(layers))
             if not candidates:

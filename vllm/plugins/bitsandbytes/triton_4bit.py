@@ -164,8 +164,10 @@ def dequantize(
     blocksize: int,
     experts: torch.Tensor | None = None,
     expert_rows: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The (N, K) bfloat16 weight of packed (N, K/2) bytes and their absmax.
+    """The (N, K) bfloat16 weight of packed (N, K/2) bytes and their absmax,
+    into `out` (contiguous) if given.
 
     With `experts`, the weight is a stack of experts of `expert_rows` rows
     each, and only those experts are decoded, in that order.
@@ -173,7 +175,8 @@ def dequantize(
     rows, columns = weight.shape[0], 2 * weight.shape[1]
     if experts is not None:
         rows = experts.numel() * expert_rows
-    out = torch.empty(rows, columns, dtype=torch.bfloat16, device=weight.device)
+    if out is None:
+        out = torch.empty(rows, columns, dtype=torch.bfloat16, device=weight.device)
     step = _largest_step(columns, 512)
     group = min(blocksize, step)
     _dequantize_kernel[(triton.cdiv(rows, _DEQUANTIZE_ROWS), columns // step)](
