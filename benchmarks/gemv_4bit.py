@@ -231,6 +231,8 @@ def matmul(
     rows, columns = weight.state.shape
     if out is None:
         out = torch.empty(1, rows, dtype=torch.bfloat16, device=x.device)
+    if out.stride(1) != 1:
+        raise ValueError("the 4-bit GEMV writes an out with unit column stride")
     x = x.contiguous()
     steps = columns // 64
     programs = triton.cdiv(rows, rows_per_program)
