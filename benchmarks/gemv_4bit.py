@@ -23,85 +23,11 @@ import triton
 import triton.language as tl
 
 from vllm.plugins.bitsandbytes import fused_4bit
-from vllm.plugins.bitsandbytes.triton_4bit import (
-    _INTERPRETED,
-    MergedWeight,
-    _to_bfloat16,
-)
+from vllm.plugins.bitsandbytes.triton_4bit import MergedWeight
 
 # Weight rows per program and warps: 4 rows per thread.
 ROWS = 512
 NUM_WARPS = 4
-
-
-@triton.jit
-def _bits(value):
-    """float32 rounded to bfloat16, as the low 16 bits of a uint32."""
-    return _to_bfloat16(value).to(tl.uint16, bitcast=True).to(tl.uint32)
-
-
-@triton.jit
-def _decode_pairs(words, absmax, codes_ptr):
-    """The 8 weights of each int32 word of `words` (R, W) as 4 uint32 pairs
-    of bfloat16, columns 2j (low half) and 2j + 1 of pair j; `absmax` (R,)
-    is the words' block's."""
-    if _INTERPRETED:
-        scale = absmax[:, None]
-        # Column 2j sits in byte j, in the high nibble.
-        return (
-            _bits(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + (words & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 8) & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 16) & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 24) & 15)) * scale) << 16,
-        )
-    l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
-        fused_4bit.TABLE_PTX,
-        "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
-        [
-            absmax,
-            tl.load(codes_ptr + 0),
-            tl.load(codes_ptr + 1),
-            tl.load(codes_ptr + 2),
-            tl.load(codes_ptr + 3),
-            tl.load(codes_ptr + 4),
-            tl.load(codes_ptr + 5),
-            tl.load(codes_ptr + 6),
-            tl.load(codes_ptr + 7),
-            tl.load(codes_ptr + 8),
-            tl.load(codes_ptr + 9),
-            tl.load(codes_ptr + 10),
-            tl.load(codes_ptr + 11),
-            tl.load(codes_ptr + 12),
-            tl.load(codes_ptr + 13),
-            tl.load(codes_ptr + 14),
-            tl.load(codes_ptr + 15),
-        ],
-        dtype=(tl.uint32,) * 8,
-        is_pure=True,
-        pack=1,
-    )
-    return tl.inline_asm_elementwise(
-        fused_4bit.DECODE_PTX,
-        "=r,=r,=r,=r" + ",r" * 9,
-        [
-            words,
-            l0[:, None],
-            l1[:, None],
-            l2[:, None],
-            l3[:, None],
-            h0[:, None],
-            h1[:, None],
-            h2[:, None],
-            h3[:, None],
-        ],
-        dtype=(tl.uint32,) * 4,
-        is_pure=True,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -120,7 +46,7 @@ def _high(pair):
 def _multiply_words(acc, words, absmax, codes_ptr, x_ptr):
     """acc (R, 4) plus each word's 8 weights times the 8 activations at
     `x_ptr` (4, 8 apart): the products of 4 consecutive words of each row."""
-    p0, p1, p2, p3 = _decode_pairs(words, absmax, codes_ptr)
+    p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
     x = x_ptr + tl.arange(0, 4) * 8
     acc += _low(p0) * tl.load(x + 0).to(tl.float32)[None, :]
     acc += _high(p0) * tl.load(x + 1).to(tl.float32)[None, :]

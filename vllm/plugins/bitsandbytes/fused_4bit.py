@@ -84,22 +84,30 @@ DECODE_PTX = tl.constexpr(_decode_ptx())
 
 
 @triton.jit
-def _decode_words(words, absmax, codes_ptr):
-    """The 8 bfloat16 weights of each int32 word of `words` (R, C, 8), in
-    column order, as 8 tensors of its shape; `absmax` (R, C) is the block's.
+def _bits(value):
+    """float32 rounded to bfloat16, as the low 16 bits of a uint32."""
+    return _to_bfloat16(value).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def decode_pairs(words, absmax, codes_ptr):
+    """The 8 bfloat16 weights of each int32 word of `words` as 4 uint32
+    pairs of its shape, columns 2j (low half) and 2j + 1 of pair j; `absmax`,
+    of the shape of `words` without its last dimension, is the block's.
     """
     if _INTERPRETED:
-        scale = absmax[:, :, None]
-        # Column 8w + i sits in byte i // 2, in the high nibble for even i.
-        v0 = _to_bfloat16(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
-        v1 = _to_bfloat16(tl.load(codes_ptr + (words & 15)) * scale)
-        v2 = _to_bfloat16(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
-        v3 = _to_bfloat16(tl.load(codes_ptr + ((words >> 8) & 15)) * scale)
-        v4 = _to_bfloat16(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
-        v5 = _to_bfloat16(tl.load(codes_ptr + ((words >> 16) & 15)) * scale)
-        v6 = _to_bfloat16(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
-        v7 = _to_bfloat16(tl.load(codes_ptr + ((words >> 24) & 15)) * scale)
-        return v0, v1, v2, v3, v4, v5, v6, v7
+        scale = tl.expand_dims(absmax, -1)
+        # Column 2j sits in byte j, in the high nibble.
+        return (
+            _bits(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + (words & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 8) & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 16) & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 24) & 15)) * scale) << 16,
+        )
     l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
         TABLE_PTX,
         "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
@@ -126,24 +134,32 @@ def _decode_words(words, absmax, codes_ptr):
         is_pure=True,
         pack=1,
     )
-    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+    return tl.inline_asm_elementwise(
         DECODE_PTX,
         "=r,=r,=r,=r" + ",r" * 9,
         [
             words,
-            l0[:, :, None],
-            l1[:, :, None],
-            l2[:, :, None],
-            l3[:, :, None],
-            h0[:, :, None],
-            h1[:, :, None],
-            h2[:, :, None],
-            h3[:, :, None],
+            tl.expand_dims(l0, -1),
+            tl.expand_dims(l1, -1),
+            tl.expand_dims(l2, -1),
+            tl.expand_dims(l3, -1),
+            tl.expand_dims(h0, -1),
+            tl.expand_dims(h1, -1),
+            tl.expand_dims(h2, -1),
+            tl.expand_dims(h3, -1),
         ],
         dtype=(tl.uint32,) * 4,
         is_pure=True,
         pack=1,
     )
+
+
+@triton.jit
+def _decode_words(words, absmax, codes_ptr):
+    """The 8 bfloat16 weights of each int32 word of `words` (R, C, 8), in
+    column order, as 8 tensors of its shape; `absmax` (R, C) is the block's.
+    """
+    p0, p1, p2, p3 = decode_pairs(words, absmax, codes_ptr)
     return (
         _low_half(p0),
         _high_half(p0),
