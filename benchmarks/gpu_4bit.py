@@ -17,8 +17,9 @@ it, median of the repetitions, in one run:
   `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
   the tensor cores, at every batch size;
-- ``gemv`` (one token only): the candidate GEMV of `benchmarks/gemv_4bit.py`,
-  against which ``bnb_merged`` is the call the plugin makes today;
+- ``gemv`` (up to `gemv_4bit.MAX_TOKENS` tokens): the candidate GEMV of
+  `benchmarks/gemv_4bit.py`, against the calls the plugin makes today:
+  ``bnb_merged`` at one token, ``fused`` from 2;
 - ``chunked`` (beyond `FUSED_TOKENS`): the candidate of
   `benchmarks/chunked_4bit.py`, decode + cuBLAS a chunk of rows at a time
   in L2, against ``triton``, the call the plugin makes today;
@@ -230,7 +231,7 @@ def measure_layers(layers, batches):
                 "triton_rel_err": relative_error(layer.triton(x), reference),
                 "bnb_rel_err": relative_error(layer.bnb(x, out), reference),
             }
-            if batch == 1:
+            if batch <= gemv_4bit.MAX_TOKENS:
                 row["gemv_us"] = graph_us(layer.gemv, x)
                 row["gemv_rel_err"] = relative_error(layer.gemv(x), reference)
             if batch > kernels.FUSED_TOKENS[1]:
@@ -478,10 +479,10 @@ def main(argv=None):
         )
         if "gemv_us" in total:
             print(
-                f"batch 1 GEMV candidate: {total['gemv_us']:.1f} µs per decoder "
-                f"layer, {total['gemv_us'] / total['bnb_merged_us']:.2f}× "
-                f"bitsandbytes' GEMV, {total['gemv_us'] / total['limit_us']:.2f}× "
-                "the limit"
+                f"batch {total['batch']} GEMV candidate: {total['gemv_us']:.1f} µs "
+                f"per decoder layer, {total['gemv_us'] / total['plugin_us']:.2f}× "
+                f"the plugin, {total['gemv_us'] / total['bf16_us']:.2f}× bf16, "
+                f"{total['gemv_us'] / total['limit_us']:.2f}× the limit"
             )
         if "chunked_us" in total:
             print(

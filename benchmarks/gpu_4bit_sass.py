@@ -90,19 +90,15 @@ def compile_kernel(arch, tokens, split):
     return kernel, fused_4bit.ROWS * 64 * chunks / (32 * NUM_WARPS)
 
 
-def compile_gemv(arch, split):
-    """The candidate GEMV as `gemv_4bit.matmul` launches it, and the weights
-    per thread of one step of its main loop."""
-    signature = {
-        name: kind
-        for name, kind in SIGNATURE.items()
-        if name not in ("M", "stride_xm", "stride_om")
-    }
-    constants = {"BLOCKSIZE": 64, "BLOCK_N": gemv_4bit.ROWS, "SPLIT": split}
+def compile_gemv(arch, tokens, split):
+    """The candidate GEMV as `gemv_4bit.matmul` launches it for `tokens`
+    tokens, and the weights per thread of one step of its main loop."""
+    rows = gemv_4bit.ROWS
+    constants = {"BLOCKSIZE": 64, "BLOCK_N": rows, "TOKENS": tokens, "SPLIT": split}
     kernel = _compile(
-        gemv_4bit.gemv_kernel, signature, constants, arch, gemv_4bit.NUM_WARPS, 1
+        gemv_4bit.gemv_kernel, SIGNATURE, constants, arch, gemv_4bit.NUM_WARPS, 1
     )
-    return kernel, gemv_4bit.ROWS * 64 / (32 * gemv_4bit.NUM_WARPS)
+    return kernel, rows * 64 / (32 * gemv_4bit.NUM_WARPS)
 
 
 def main_loop(sass):
@@ -135,7 +131,10 @@ def main(argv=None):
         for block_m in (16, 64, 128)
     ]
     # Split K as on an H200 for the gate/up layer (56 programs, 132 SMs).
-    kernels.append(("GEMV (1 token)", compile_gemv(args.arch, 5)))
+    kernels += [
+        (f"GEMV, {tokens} tokens", compile_gemv(args.arch, tokens, 5))
+        for tokens in (1, 2, 4, 8)
+    ]
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)
@@ -145,7 +144,7 @@ def main(argv=None):
         )
         print(
             f"{label}: {len(loop) / weights_per_thread:.2f} instructions ({top}); "
-            f"shared memory in the loop: {_shared_memory_ops(opcodes)}; "
+            f"shared or local memory in the loop: {_memory_ops(opcodes)}; "
             f"{_registers(kernel)} registers"
         )
 
@@ -165,9 +164,12 @@ def _registers(kernel):
     return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-def _shared_memory_ops(opcodes):
-    """Shared-memory accesses and barriers per loop iteration, by opcode."""
-    ops = {op: n for op, n in opcodes.items() if op in ("LDS", "STS", "BAR")}
+def _memory_ops(opcodes):
+    """Shared-memory accesses, barriers and register spills (local memory)
+    per loop iteration, by opcode."""
+    ops = {
+        op: n for op, n in opcodes.items() if op in ("LDS", "STS", "BAR", "LDL", "STL")
+    }
     return ", ".join(f"{op} {n}" for op, n in sorted(ops.items())) or "none"
 
 

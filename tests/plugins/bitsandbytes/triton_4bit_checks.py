@@ -362,38 +362,49 @@ def test_fused_matmul_writes_all_of_out(layers):
             assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=split))
 
 
+# Every padding of the GEMV's tokens: none, odd counts, the most it takes.
+GEMV_TOKENS = [1, 2, 3, gemv_4bit.MAX_TOKENS]
+
+
+@pytest.mark.parametrize("tokens", GEMV_TOKENS)
 @pytest.mark.parametrize("split", FUSED_SPLITS)
-def test_gemv_matches_float32_reference(layers, split):
-    """The candidate GEMV (`benchmarks/gemv_4bit.py`), one token."""
+def test_gemv_matches_float32_reference(layers, tokens, split):
+    """The candidate GEMV (`benchmarks/gemv_4bit.py`)."""
     for index, layer in enumerate(fused_layers(layers)):
-        x = random_input(1, layer.reference.shape[1], seed=index)
+        x = random_input(tokens, layer.reference.shape[1], seed=index)
         out = gemv_4bit.matmul(x, layer.merged, split=split)
         assert_matches_float32_reference(out, x, layer.reference)
 
 
+@pytest.mark.parametrize("tokens", GEMV_TOKENS)
 @pytest.mark.parametrize("split", FUSED_SPLITS)
-def test_gemv_multiplies_by_the_exact_weights(layers, split):
-    """A one-hot token picks a column of weights, exactly: columns in both
-    nibbles of a byte, both halves of a chunk, the first and last chunk."""
+def test_gemv_multiplies_by_the_exact_weights(layers, tokens, split):
+    """One-hot tokens pick columns of weights, exactly: columns in both
+    nibbles of a byte, both halves of a chunk, the first and last chunk,
+    each token its own."""
     for layer in fused_layers(layers):
         columns = layer.reference.shape[1]
-        for column in (0, 1, 30, 33, 62, columns - 1):
-            x = torch.zeros(1, columns, dtype=torch.bfloat16, device=DEVICE)
-            x[0, column] = 1
+        picks = [0, 1, 30, 33, 62, columns - 1]
+        for start in range(0, len(picks), tokens):
+            picked = torch.tensor(picks[start : start + tokens], device=DEVICE)
+            x = torch.zeros(len(picked), columns, dtype=torch.bfloat16, device=DEVICE)
+            x[torch.arange(len(picked), device=DEVICE), picked] = 1
             out = gemv_4bit.matmul(x, layer.merged, split=split)
-            assert torch.equal(out[0], layer.reference[:, column])
+            assert torch.equal(out, layer.reference[:, picked].T)
 
 
 def test_gemv_refuses_what_it_does_not_multiply(layers):
     for layer in layers:
-        x = random_input(2, layer.reference.shape[1], seed=3)
+        x = random_input(gemv_4bit.MAX_TOKENS + 1, layer.reference.shape[1], seed=3)
         if not fused_4bit.supports(layer.merged):
             with pytest.raises(ValueError, match="multiple of 64"):
                 gemv_4bit.matmul(x[:1], layer.merged)
             continue
-        with pytest.raises(ValueError, match="one token of bfloat16"):
+        with pytest.raises(ValueError, match="tokens of bfloat16"):
             gemv_4bit.matmul(x, layer.merged)
-        with pytest.raises(ValueError, match="one token of bfloat16"):
+        with pytest.raises(ValueError, match="tokens of bfloat16"):
+            gemv_4bit.matmul(x[:0], layer.merged)
+        with pytest.raises(ValueError, match="tokens of bfloat16"):
             gemv_4bit.matmul(x[:1].half(), layer.merged)
 
 
