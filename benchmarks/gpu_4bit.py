@@ -20,6 +20,9 @@ it, median of the repetitions, in one run:
 - ``gemv`` (up to `gemv_4bit.MAX_TOKENS` tokens): the candidate GEMV of
   `benchmarks/gemv_4bit.py`, against the calls the plugin makes today:
   ``bnb_merged`` at one token, ``fused`` from 2;
+- ``fragment`` (up to `fragment_4bit.MAX_TOKENS` tokens): the candidate of
+  `benchmarks/fragment_4bit.py`, tensor-core fragments loaded straight
+  from the weights, against the same calls;
 - ``chunked`` (beyond `FUSED_TOKENS`): the candidate of
   `benchmarks/chunked_4bit.py`, decode + cuBLAS a chunk of rows at a time
   in L2, against ``triton``, the call the plugin makes today;
@@ -49,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import chunked_4bit, gemv_4bit
+from benchmarks import chunked_4bit, fragment_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -175,6 +178,9 @@ class Layer:
     def gemv(self, x):
         return gemv_4bit.matmul(x, self.merged)
 
+    def fragment(self, x):
+        return fragment_4bit.matmul(x, self.merged)
+
     def chunked(self, x):
         return chunked_4bit.matmul(x, self.merged)
 
@@ -234,6 +240,9 @@ def measure_layers(layers, batches):
             if batch <= gemv_4bit.MAX_TOKENS:
                 row["gemv_us"] = graph_us(layer.gemv, x)
                 row["gemv_rel_err"] = relative_error(layer.gemv(x), reference)
+            if batch <= fragment_4bit.MAX_TOKENS:
+                row["fragment_us"] = graph_us(layer.fragment, x)
+                row["fragment_rel_err"] = relative_error(layer.fragment(x), reference)
             if batch > kernels.FUSED_TOKENS[1]:
                 row["chunked_us"] = graph_us(layer.chunked, x)
                 row["chunked_rel_err"] = relative_error(layer.chunked(x), reference)
@@ -247,7 +256,7 @@ def decoder_layer_summary(rows):
     summary = {}
     for row in rows:
         total = summary.setdefault(row["batch"], {"batch": row["batch"]})
-        for side in (*SIDES, "gemv", "chunked"):
+        for side in (*SIDES, "gemv", "fragment", "chunked"):
             if f"{side}_us" in row:
                 total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
     return [summary[b] for b in sorted(summary)]
@@ -483,6 +492,14 @@ def main(argv=None):
                 f"per decoder layer, {total['gemv_us'] / total['plugin_us']:.2f}× "
                 f"the plugin, {total['gemv_us'] / total['bf16_us']:.2f}× bf16, "
                 f"{total['gemv_us'] / total['limit_us']:.2f}× the limit"
+            )
+        if "fragment_us" in total:
+            print(
+                f"batch {total['batch']} fragment candidate: "
+                f"{total['fragment_us']:.1f} µs per decoder layer, "
+                f"{total['fragment_us'] / total['plugin_us']:.2f}× the plugin, "
+                f"{total['fragment_us'] / total['bf16_us']:.2f}× bf16, "
+                f"{total['fragment_us'] / total['limit_us']:.2f}× the limit"
             )
         if "chunked_us" in total:
             print(

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
-from benchmarks import gemv_4bit
+from benchmarks import fragment_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 
 SIGNATURE = {
@@ -101,6 +101,23 @@ def compile_gemv(arch, tokens, split):
     return kernel, rows * 64 / (32 * gemv_4bit.NUM_WARPS)
 
 
+def compile_fragment(arch, split):
+    """The fragment candidate as `fragment_4bit.matmul` launches it, and the
+    weights per thread of one step of its main loop (any token count up to
+    16: they are one fragment)."""
+    signature = {**SIGNATURE, "x_ptr": "*i32"}
+    constants = {"BLOCKSIZE": 64, "BLOCK_N": fragment_4bit.ROWS, "SPLIT": split}
+    kernel = _compile(
+        fragment_4bit.fragment_kernel,
+        signature,
+        constants,
+        arch,
+        fragment_4bit.NUM_WARPS,
+        1,
+    )
+    return kernel, fragment_4bit.ROWS * 256 / (32 * fragment_4bit.NUM_WARPS)
+
+
 def main_loop(sass):
     """Opcodes of the longest backward-branching block (the K loop)."""
     lines = [line.strip() for line in sass.splitlines()]
@@ -135,6 +152,7 @@ def main(argv=None):
         (f"GEMV, {tokens} tokens", compile_gemv(args.arch, tokens, 5))
         for tokens in (1, 2, 4, 8)
     ]
+    kernels.append(("fragment, 1 to 16 tokens", compile_fragment(args.arch, 5)))
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)

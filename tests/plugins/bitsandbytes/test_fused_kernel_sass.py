@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fused 4-bit kernel and the candidate GEMV compiled for an H200 (sm_90)
-without a GPU: their main loops must stay a register decode, far below the
-11 to 15 instructions per weight that a table load per weight costs.
+"""The fused 4-bit kernel and the candidates (GEMV, fragment) compiled for
+an H200 (sm_90) without a GPU: their main loops must stay a register
+decode, far below the 11 to 15 instructions per weight that a table load
+per weight costs.
 
 `benchmarks.gpu_4bit_sass` compiles with the triton in this environment and
 its bundled ptxas; the count is deterministic for a given triton release.
@@ -62,3 +63,21 @@ def test_gemv_main_loop_decodes_in_registers_without_shared_memory(printed):
             assert top.split()[0] == "PRMT", printed
             # 3 programs of 128 threads fit in an SM's 65536 registers.
             assert int(registers) * 128 * 3 <= 65536, printed
+
+
+def test_fragment_main_loop_feeds_the_tensor_cores_from_registers(printed):
+    """The fragment candidate's decoded pairs are `mma.sync` operands as
+    they are: if Triton gave them another layout than the fragments' lanes,
+    converting them would go through shared memory in the loop (and the
+    interpreter checks could not tell). One HMMA per 4 weights and thread
+    (m16n8k16: 128 weights of 8 rows by 16 columns per warp)."""
+    (count,) = re.findall(
+        r"fragment, 1 to 16 tokens: ([\d.]+) instructions \((.*)\); "
+        r"shared or local memory in the loop: ([^;]*); (\d+) registers",
+        printed,
+    )
+    per_weight, top, memory, _ = count
+    assert float(per_weight) < 5.5, printed
+    assert memory == "none", printed
+    opcodes = dict(entry.split() for entry in top.split(", "))
+    assert opcodes.get("HMMA") == "0.25", printed

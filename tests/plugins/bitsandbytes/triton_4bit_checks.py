@@ -37,7 +37,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
-from benchmarks import chunked_4bit, gemv_4bit
+from benchmarks import chunked_4bit, fragment_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -219,6 +219,7 @@ if ON_GPU:
     # Llama-3-8B: q/k/v, o, gate/up, down.
     SHAPES = [([4096, 1024, 1024], 4096), ([4096], 4096), ([14336] * 2, 4096)]
     SHAPES.append(([4096], 14336))
+    FRAGMENT_SHAPES = SHAPES
     TRITON_BATCHES = [2, 4, 16, 17, 64, 128, 129, 256]
     FUSED_BATCHES = [1, 2, 4, 16, 17, 64, 256]
     # (None: as many ranges of K as fill the GPU)
@@ -228,6 +229,8 @@ if ON_GPU:
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
+    # The fragment candidate takes steps of 256 columns.
+    FRAGMENT_SHAPES = [([48, 16, 16], 512), ([24], 256)]
     TRITON_BATCHES = [2, kernels.MIN_TRITON_TOKENS, 17, 130]
     FUSED_BATCHES = [1, 3, 17, 130]
     FUSED_SPLITS = [1, 3]
@@ -408,6 +411,56 @@ def test_gemv_refuses_what_it_does_not_multiply(layers):
             gemv_4bit.matmul(x[:1].half(), layer.merged)
 
 
+@pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
+def fragment_layers(request):
+    quant_type, double_quant, blocksize = request.param
+    return [
+        MergedLayer(rows, columns, quant_type, double_quant, blocksize)
+        for rows, columns in FRAGMENT_SHAPES
+        if columns % blocksize == 0
+    ]
+
+
+# No padding, odd counts, one fragment's first half, a whole fragment.
+FRAGMENT_TOKENS = [1, 3, 8, fragment_4bit.MAX_TOKENS]
+
+
+@pytest.mark.parametrize("tokens", FRAGMENT_TOKENS)
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_fragment_matches_float32_reference(fragment_layers, tokens, split):
+    """The candidate of `benchmarks/fragment_4bit.py`."""
+    for index, layer in enumerate(fragment_layers):
+        if not fragment_4bit.supports(layer.merged):
+            continue
+        x = random_input(tokens, layer.reference.shape[1], seed=index)
+        out = fragment_4bit.matmul(x, layer.merged, split=split)
+        assert_matches_float32_reference(out, x, layer.reference)
+
+
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_fragment_multiplies_by_the_exact_weights(fragment_layers, split):
+    """16 one-hot tokens pick 16 columns of weights, exactly, each token
+    its own: every token position of a fragment."""
+    for layer in fragment_layers:
+        if not fragment_4bit.supports(layer.merged):
+            continue
+        x, picked = one_hot_rows(fragment_4bit.MAX_TOKENS, layer.reference.shape[1])
+        out = fragment_4bit.matmul(x, layer.merged, split=split)
+        assert torch.equal(out, layer.reference[:, picked].T)
+
+
+def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
+    for layer in (*fragment_layers, *layers):
+        x = random_input(17, layer.reference.shape[1], seed=3)
+        if not fragment_4bit.supports(layer.merged):
+            with pytest.raises(ValueError, match="multiple of 256 columns"):
+                fragment_4bit.matmul(x[:1], layer.merged)
+            continue
+        for wrong in (x, x[:0], x[:1].half()):
+            with pytest.raises(ValueError, match="tokens of bfloat16"):
+                fragment_4bit.matmul(wrong, layer.merged)
+
+
 @pytest.mark.parametrize("chunk_rows", [7, 16, 1 << 20])
 def test_chunked_matmul_matches_float32_reference(layers, chunk_rows):
     """The candidate of `benchmarks/chunked_4bit.py`: the weight decoded a
@@ -529,6 +582,7 @@ if ON_GPU:
             *[(t, kernels.matmul) for t in (1, 16, 256)],
             *[(t, fused_4bit.matmul) for t in (1, 16, 256)],
             (1, gemv_4bit.matmul),
+            (16, fragment_4bit.matmul),
             (256, chunked_4bit.matmul),
         ],
         ids=[
@@ -539,6 +593,7 @@ if ON_GPU:
             "fused-16",
             "fused-256",
             "gemv-1",
+            "fragment-16",
             "chunked-256",
         ],
     )
@@ -552,8 +607,10 @@ if ON_GPU:
         if matmul in (fused_4bit.matmul, gemv_4bit.matmul):
             # Blocks of 32: every layer is refused (fused_layers checks it).
             candidates = list(fused_layers(layers))
-            if not candidates:
-                return
+        if matmul is fragment_4bit.matmul:
+            candidates = [c for c in layers if fragment_4bit.supports(c.merged)]
+        if not candidates:
+            return
         layer = candidates[0]
         columns = layer.reference.shape[1]
         static_x = random_input(tokens, columns, seed=1)

@@ -1,0 +1,325 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A candidate bitsandbytes 4-bit matmul for 1 to 16 tokens on the tensor
+cores, with the weights loaded straight into `mma.sync` operands.
+
+The fused kernel (`fused_4bit`) hands its decoded tile to the tensor cores
+through shared memory, with barriers, and takes 161 µs per Llama-3-8B
+decoder layer on an H200 from 2 tokens to 16 (1.3× bf16), bound by that
+latency. The GEMV candidate (`benchmarks/gemv_4bit.py`) keeps everything in
+registers but pays a multiply-add per weight and token. Here a warp
+multiplies 8 weight rows by 16 tokens with `mma.sync.m16n8k16`, whose
+operand fragments are registers of known lanes: lane 4g + t holds row g's
+pairs of columns for the k slots of t. Loading a row's 16-byte halves of
+four 64-column chunks as a (rows, chunk, word) tensor makes Triton put
+chunk t of row g in exactly lane 4g + t, so the decoded pairs are the
+weight operand as they are; the k slots are the lane's own columns, and the
+activations are loaded in the same order (pairs of bfloat16 as int32), so
+the product is unchanged. Nothing goes through shared memory in the loop.
+
+The decode is `fused_4bit`'s (a per-block table built once per row and
+chunk, byte permutes, exactly `dequantize_4bit`'s weights). Under Triton's
+interpreter, which cannot run PTX, `_mma` computes what the PTX ISA defines
+`mma.sync.m16n8k16` to compute from those lanes' registers, so the CI
+checks test the fragment mapping; that Triton gives the operands that
+layout is what `benchmarks/gpu_4bit_sass.py` checks (no shared memory in the
+loop) and only a GPU run proves.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks.gemv_4bit import _high, _low
+from vllm.plugins.bitsandbytes import fused_4bit
+from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
+
+# Weight rows per program and warps: 8 rows per warp and fragment.
+ROWS = 64
+NUM_WARPS = 4
+# The tokens of one fragment (m16n8k16's M).
+MAX_TOKENS = 16
+
+MMA_PTX = tl.constexpr(
+    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+    "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
+)
+
+
+@triton.jit
+def _pair_products(a, b):
+    """The two products of bfloat16 pairs `a` (int32) and `b` (uint32),
+    summed in float32."""
+    a = a.to(tl.uint32, bitcast=True)
+    return _low(a) * _low(b) + _high(a) * _high(b)
+
+
+@triton.jit
+def _fragment_sums(a_first, a_second, b_first, b_second):
+    """What one m16n8k16 adds for 8 tokens (the first or second 8) and the
+    8 rows of each group of 8 lanes: (groups, token, row), each summing the
+    k slots of all 4 lanes of a row. Arguments (groups, 8, 4), lane (g, t)
+    at [:, g, t]."""
+    products = _pair_products(
+        a_first[:, :, None, :], b_first[:, None, :, :]
+    ) + _pair_products(a_second[:, :, None, :], b_second[:, None, :, :])
+    return tl.sum(products, axis=3)
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """c += a @ b over one m16n8k16 fragment per group of 8 rows, each
+    argument (R, 4) with the register of lane (g = row % 8, t) at [row, t].
+
+    a0/a2 hold token g's activations for the pair of k slots of b0/b1,
+    a1/a3 token g + 8's; b0/b1 row g's weights; c0/c1 (token g, rows 2t and
+    2t + 1 of the group), c2/c3 token g + 8's.
+    """
+    if _INTERPRETED:
+        rows: tl.constexpr = a0.shape[0]
+        shape: tl.constexpr = (rows // 8, 8, 4)
+        b0 = tl.reshape(b0, shape)
+        b1 = tl.reshape(b1, shape)
+        first = _fragment_sums(tl.reshape(a0, shape), tl.reshape(a2, shape), b0, b1)
+        second = _fragment_sums(tl.reshape(a1, shape), tl.reshape(a3, shape), b0, b1)
+        even_first, odd_first = tl.split(tl.reshape(first, (rows, 4, 2)))
+        even_second, odd_second = tl.split(tl.reshape(second, (rows, 4, 2)))
+        return c0 + even_first, c1 + odd_first, c2 + even_second, c3 + odd_second
+    return tl.inline_asm_elementwise(
+        MMA_PTX,
+        "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3",
+        [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+        dtype=(tl.float32,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _split4(values):
+    """The last dimension (4) of `values` as 4 tensors, in order."""
+    shape: tl.constexpr = values.shape
+    even, odd = tl.split(tl.reshape(values, (shape[0], shape[1], 2, 2)))
+    v0, v2 = tl.split(even)
+    v1, v3 = tl.split(odd)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _multiply_half(c0, c1, c2, c3, words, absmax, codes_ptr, x_first, x_second):
+    """The fragments plus one 16-byte half of each lane's chunk: 4 words of
+    (R, 4, 4) `words`, each two m16n8k16 (pairs 0 and 1, pairs 2 and 3).
+    `x_first`/`x_second` (R, 4, 4) point to the half's activations of
+    tokens g and g + 8 as int32 pairs, word w's 4 pairs at 4 w."""
+    p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
+    pairs = (_split4(p0), _split4(p1), _split4(p2), _split4(p3))
+    for word in tl.static_range(4):
+        f0, f1, f2, f3 = _split4(tl.load(x_first + 4 * word))
+        s0, s1, s2, s3 = _split4(tl.load(x_second + 4 * word))
+        c0, c1, c2, c3 = _mma(
+            f0, s0, f1, s1, pairs[0][word], pairs[1][word], c0, c1, c2, c3
+        )
+        c0, c1, c2, c3 = _mma(
+            f2, s2, f3, s3, pairs[2][word], pairs[3][word], c0, c1, c2, c3
+        )
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _tile(c0, c1, c2, c3):
+    """The fragments as a (rows, 16 tokens) tile."""
+    rows: tl.constexpr = c0.shape[0]
+    first = tl.reshape(tl.join(c0, c1), (rows // 8, 8, 8))  # [group, token, row]
+    second = tl.reshape(tl.join(c2, c3), (rows // 8, 8, 8))
+    tile = tl.join(tl.permute(first, (0, 2, 1)), tl.permute(second, (0, 2, 1)))
+    return tl.reshape(tl.permute(tile, (0, 1, 3, 2)), (rows, 16))
+
+
+@triton.jit
+def _load_step(words_ptr, absmax_ptr, row_words, row_blocks, row_mask, step, BLOCKSIZE):
+    """A step's absmax (R, 4) and words, as two 16-byte halves (R, 4, 4)."""
+    k = step * 256
+    chunks = tl.arange(0, 4)
+    absmax = tl.load(
+        absmax_ptr + row_blocks + ((k + 64 * chunks) // BLOCKSIZE)[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    words = words_ptr + row_words + k // 8
+    low = tl.load(words, mask=row_mask[:, None, None], other=0)
+    high = tl.load(words + 4, mask=row_mask[:, None, None], other=0)
+    return absmax, low, high
+
+
+@triton.jit
+def fragment_kernel(
+    x_ptr,
+    words_ptr,
+    absmax_ptr,
+    codes_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    out_ptr,
+    M,
+    N,
+    K_WORDS,
+    K_BLOCKS,
+    STEPS,
+    STEPS_PER_SPLIT,
+    stride_xm,
+    stride_om,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
+    16 tokens, over one of SPLIT ranges of K, 4 chunks of 64 columns (one
+    per lane of a row) a step. `x_ptr` is x as int32 pairs, `stride_xm` in
+    pairs."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    chunks = tl.arange(0, 4)
+    quad = tl.arange(0, 4)
+    # Lane (g, t) holds row g's chunk t: words 8 t to 8 t + 7 of the step.
+    row_words = (
+        rows.to(tl.int64)[:, None, None] * K_WORDS
+        + chunks[None, :, None] * 8
+        + quad[None, None, :]
+    )
+    # ... and the activations of tokens g and g + 8 for those columns
+    # (padding tokens read the last token again; their sums are not stored).
+    lane_tokens = tl.arange(0, BLOCK_N) % 8
+    pairs = chunks[None, :, None] * 32 + quad[None, None, :]
+    first_tokens = tl.minimum(lane_tokens, M - 1)
+    second_tokens = tl.minimum(lane_tokens + 8, M - 1)
+    x_first = x_ptr + first_tokens[:, None, None] * stride_xm + pairs
+    x_second = x_ptr + second_tokens[:, None, None] * stride_xm + pairs
+    row_blocks = rows.to(tl.int64)[:, None] * K_BLOCKS
+    c0 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    c1 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    c3 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    first = pid_k * STEPS_PER_SPLIT
+    last = tl.minimum(first + STEPS_PER_SPLIT, STEPS)
+    # Each step loads the next step's words and absmax before it decodes its
+    # own, so the loads of two steps are in flight (the last step loads
+    # itself again).
+    absmax, low, high = _load_step(
+        words_ptr, absmax_ptr, row_words, row_blocks, row_mask, first, BLOCKSIZE
+    )
+    for step in range(first, last):
+        next_absmax, next_low, next_high = _load_step(
+            words_ptr,
+            absmax_ptr,
+            row_words,
+            row_blocks,
+            row_mask,
+            tl.minimum(step + 1, last - 1),
+            BLOCKSIZE,
+        )
+        x_step = step * 128
+        c0, c1, c2, c3 = _multiply_half(
+            c0, c1, c2, c3, low, absmax, codes_ptr, x_first + x_step, x_second + x_step
+        )
+        c0, c1, c2, c3 = _multiply_half(
+            c0,
+            c1,
+            c2,
+            c3,
+            high,
+            absmax,
+            codes_ptr,
+            x_first + x_step + 16,
+            x_second + x_step + 16,
+        )
+        absmax, low, high = next_absmax, next_low, next_high
+    fused_4bit._write_tile(
+        _tile(c0, c1, c2, c3),
+        rows,
+        tl.arange(0, 16),
+        row_mask,
+        tl.arange(0, 16) < M,
+        partial_ptr,
+        arrivals_ptr,
+        out_ptr,
+        M,
+        N,
+        stride_om,
+        pid_k,
+        pid_n,
+        SPLIT,
+    )
+
+
+def supports(weight: MergedWeight) -> bool:
+    """Whether `matmul` takes this layer: steps of 256 columns, each chunk
+    of 64 in one absmax block."""
+    return fused_4bit.supports(weight) and weight.state.shape[1] % 256 == 0
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: MergedWeight,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+    rows_per_program: int = ROWS,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """x (M, K) bfloat16, M at most MAX_TOKENS, times the merged weight
+    transposed, into `out` (M, N) bfloat16 if given. `split` fixes the
+    number of K ranges per tile (by default: enough to fill the GPU); the
+    last two arguments are for sweeps of the launch configuration."""
+    if not supports(weight):
+        raise ValueError(
+            "the fragment 4-bit kernel needs rows of a multiple of 256 columns "
+            f"in blocks of a multiple of 64, not {tuple(weight.state.shape)} "
+            f"in blocks of {weight.state.blocksize}"
+        )
+    tokens = x.shape[0]
+    if x.dtype != torch.bfloat16 or not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(
+            f"the fragment 4-bit kernel multiplies 1 to {MAX_TOKENS} tokens of "
+            f"bfloat16 activations, not {tuple(x.shape)} {x.dtype}"
+        )
+    rows, columns = weight.state.shape
+    if out is None:
+        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
+    if out.stride(1) != 1:
+        raise ValueError(
+            "the fragment 4-bit kernel writes an out with unit column stride"
+        )
+    x_pairs = x.contiguous().view(torch.int32)
+    steps = columns // 256
+    programs = triton.cdiv(rows, rows_per_program)
+    if split is None:
+        split = fused_4bit._split_for(x.device, programs, steps)
+    steps_per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, steps_per_split)
+    partial = (
+        torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
+        if split > 1
+        else out
+    )
+    fragment_kernel[(programs, split)](
+        x_pairs,
+        weight.packed.view(torch.int32),
+        weight.state.absmax,
+        weight.table,
+        partial,
+        fused_4bit._arrivals(x.device, programs),
+        out,
+        tokens,
+        rows,
+        columns // 8,
+        columns // weight.state.blocksize,
+        steps,
+        steps_per_split,
+        x_pairs.stride(0),
+        out.stride(0),
+        BLOCKSIZE=weight.state.blocksize,
+        BLOCK_N=rows_per_program,
+        SPLIT=split,
+        num_warps=num_warps,
+    )
+    return out
