@@ -6,15 +6,18 @@ The fused kernel (`fused_4bit`) hands its decoded tile to the tensor cores
 through shared memory, with barriers, and takes 161 µs per Llama-3-8B
 decoder layer on an H200 from 2 tokens to 16 (1.3× bf16), bound by that
 latency. The GEMV candidate (`benchmarks/gemv_4bit.py`) keeps everything in
-registers but pays a multiply-add per weight and token. Here a warp
-multiplies 8 weight rows by 16 tokens with `mma.sync.m16n8k16`, whose
-operand fragments are registers of known lanes: lane 4g + t holds row g's
-pairs of columns for the k slots of t. Loading a row's 16-byte halves of
-four 64-column chunks as a (rows, chunk, word) tensor makes Triton put
-chunk t of row g in exactly lane 4g + t, so the decoded pairs are the
-weight operand as they are; the k slots are the lane's own columns, and the
-activations are loaded in the same order (pairs of bfloat16 as int32), so
-the product is unchanged. Nothing goes through shared memory in the loop.
+registers but pays a multiply-add per weight and token. Here the tensor
+cores multiply with `mma.sync.m16n8k16`, whose operand fragments are
+registers of known lanes: lane 4g + t holds rows g and g + 8 of the
+weights and token g of the activations, for the k slots of t. Loading a
+row's 16-byte halves of four 64-column chunks as a (rows, chunk, word)
+tensor makes Triton put chunk t of row j in lane 4 (j % 8) + t, and rows j
+and j + 32 in the same lane: those are a fragment's rows g and g + 8, and
+the decoded bfloat16 pairs are the weight operand as they are. The k slots
+are the lane's own columns and the activations are loaded in the same
+order (pairs of bfloat16 as int32, one 16-byte load per word and 8
+tokens), so the product is unchanged. Nothing goes through shared memory
+in the loop, and 8 tokens cost half the multiplies of 16.
 
 The decode is `fused_4bit`'s (a per-block table built once per row and
 chunk, byte permutes, exactly `dequantize_4bit`'s weights). Under Triton's
@@ -33,10 +36,10 @@ from benchmarks.gemv_4bit import _high, _low
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
 
-# Weight rows per program and warps: 8 rows per warp and fragment.
+# Weight rows per program and warps: 16 rows per warp and fragment.
 ROWS = 64
 NUM_WARPS = 4
-# The tokens of one fragment (m16n8k16's M).
+# Tokens per call: two fragments (m16n8k16's N is 8).
 MAX_TOKENS = 16
 
 MMA_PTX = tl.constexpr(
@@ -47,42 +50,42 @@ MMA_PTX = tl.constexpr(
 
 @triton.jit
 def _pair_products(a, b):
-    """The two products of bfloat16 pairs `a` (int32) and `b` (uint32),
+    """The two products of bfloat16 pairs `a` (uint32) and `b` (int32),
     summed in float32."""
-    a = a.to(tl.uint32, bitcast=True)
+    b = b.to(tl.uint32, bitcast=True)
     return _low(a) * _low(b) + _high(a) * _high(b)
 
 
 @triton.jit
-def _fragment_sums(a_first, a_second, b_first, b_second):
-    """What one m16n8k16 adds for 8 tokens (the first or second 8) and the
-    8 rows of each group of 8 lanes: (groups, token, row), each summing the
-    k slots of all 4 lanes of a row. Arguments (groups, 8, 4), lane (g, t)
-    at [:, g, t]."""
-    products = _pair_products(
-        a_first[:, :, None, :], b_first[:, None, :, :]
-    ) + _pair_products(a_second[:, :, None, :], b_second[:, None, :, :])
+def _fragment_sums(a_x, a_y, b_x, b_y):
+    """What one m16n8k16 adds to 8 of its rows: (groups, row, token), each
+    summing the k slots of the 4 lanes of a row. Arguments (groups, 8, 4),
+    lane (g, t) at [:, g, t]: the rows' pairs `a_x`, `a_y` and the tokens'
+    pairs `b_x`, `b_y` for the lane's two pairs of k slots."""
+    products = _pair_products(a_x[:, :, None, :], b_x[:, None, :, :])
+    products += _pair_products(a_y[:, :, None, :], b_y[:, None, :, :])
     return tl.sum(products, axis=3)
 
 
 @triton.jit
 def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-    """c += a @ b over one m16n8k16 fragment per group of 8 rows, each
-    argument (R, 4) with the register of lane (g = row % 8, t) at [row, t].
+    """c += a @ b for one m16n8k16 fragment per 8 lanes, each argument
+    (J, 4) with the register of lane (g = j % 8, t) at [j, t].
 
-    a0/a2 hold token g's activations for the pair of k slots of b0/b1,
-    a1/a3 token g + 8's; b0/b1 row g's weights; c0/c1 (token g, rows 2t and
-    2t + 1 of the group), c2/c3 token g + 8's.
+    a0/a2 hold the weights of the fragment's row g for the lane's two pairs
+    of k slots, a1/a3 those of row g + 8; b0/b1 token g's activations for
+    the same slots; c0/c1 hold (row g, tokens 2t and 2t + 1), c2/c3 row
+    g + 8's.
     """
     if _INTERPRETED:
-        rows: tl.constexpr = a0.shape[0]
-        shape: tl.constexpr = (rows // 8, 8, 4)
+        lanes: tl.constexpr = a0.shape[0]
+        shape: tl.constexpr = (lanes // 8, 8, 4)
         b0 = tl.reshape(b0, shape)
         b1 = tl.reshape(b1, shape)
         first = _fragment_sums(tl.reshape(a0, shape), tl.reshape(a2, shape), b0, b1)
         second = _fragment_sums(tl.reshape(a1, shape), tl.reshape(a3, shape), b0, b1)
-        even_first, odd_first = tl.split(tl.reshape(first, (rows, 4, 2)))
-        even_second, odd_second = tl.split(tl.reshape(second, (rows, 4, 2)))
+        even_first, odd_first = tl.split(tl.reshape(first, (lanes, 4, 2)))
+        even_second, odd_second = tl.split(tl.reshape(second, (lanes, 4, 2)))
         return c0 + even_first, c1 + odd_first, c2 + even_second, c3 + odd_second
     return tl.inline_asm_elementwise(
         MMA_PTX,
@@ -96,7 +99,7 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
 
 @triton.jit
 def _split4(values):
-    """The last dimension (4) of `values` as 4 tensors, in order."""
+    """The last dimension (4) of `values` (J, 4, 4) as 4 tensors, in order."""
     shape: tl.constexpr = values.shape
     even, odd = tl.split(tl.reshape(values, (shape[0], shape[1], 2, 2)))
     v0, v2 = tl.split(even)
@@ -105,33 +108,63 @@ def _split4(values):
 
 
 @triton.jit
-def _multiply_half(c0, c1, c2, c3, words, absmax, codes_ptr, x_first, x_second):
-    """The fragments plus one 16-byte half of each lane's chunk: 4 words of
-    (R, 4, 4) `words`, each two m16n8k16 (pairs 0 and 1, pairs 2 and 3).
-    `x_first`/`x_second` (R, 4, 4) point to the half's activations of
-    tokens g and g + 8 as int32 pairs, word w's 4 pairs at 4 w."""
-    p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
-    pairs = (_split4(p0), _split4(p1), _split4(p2), _split4(p3))
-    for word in tl.static_range(4):
-        f0, f1, f2, f3 = _split4(tl.load(x_first + 4 * word))
-        s0, s1, s2, s3 = _split4(tl.load(x_second + 4 * word))
-        c0, c1, c2, c3 = _mma(
-            f0, s0, f1, s1, pairs[0][word], pairs[1][word], c0, c1, c2, c3
-        )
-        c0, c1, c2, c3 = _mma(
-            f2, s2, f3, s3, pairs[2][word], pairs[3][word], c0, c1, c2, c3
-        )
-    return c0, c1, c2, c3
+def _halves(values):
+    """`values` (R, 4, 4) as its first and second R / 2 rows, which are the
+    same lanes' registers: a fragment's rows g and g + 8."""
+    shape: tl.constexpr = values.shape
+    halves = tl.reshape(values, (2, shape[0] // 2, shape[1], shape[2]))
+    return tl.split(tl.permute(halves, (1, 2, 3, 0)))
 
 
 @triton.jit
-def _tile(c0, c1, c2, c3):
-    """The fragments as a (rows, 16 tokens) tile."""
-    rows: tl.constexpr = c0.shape[0]
-    first = tl.reshape(tl.join(c0, c1), (rows // 8, 8, 8))  # [group, token, row]
-    second = tl.reshape(tl.join(c2, c3), (rows // 8, 8, 8))
-    tile = tl.join(tl.permute(first, (0, 2, 1)), tl.permute(second, (0, 2, 1)))
-    return tl.reshape(tl.permute(tile, (0, 1, 3, 2)), (rows, 16))
+def _words(pairs):
+    """A word's pairs of (R, 4, 4) `pairs` for both fragment rows, by word."""
+    first, second = _halves(pairs)
+    return _split4(first), _split4(second)
+
+
+@triton.jit
+def _multiply_half(acc, words, absmax, codes_ptr, x_tokens, TOKENS: tl.constexpr):
+    """The fragments `acc` (8 tensors (R / 2, 4): c0-c3 for tokens 0-7,
+    c4-c7 for 8-15) plus one 16-byte half of each lane's chunk: 4 words of
+    (R, 4, 4) `words`, each two m16n8k16 (pairs 0 and 1, pairs 2 and 3) per
+    8 tokens. `x_tokens` (2 tensors (R / 2, 4, 4)) point to the half's
+    activations of tokens g and g + 8 as int32 pairs, word w's at 4 w."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = acc
+    p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
+    (p0, p0_), (p1, p1_), (p2, p2_), (p3, p3_) = (
+        _words(p0),
+        _words(p1),
+        _words(p2),
+        _words(p3),
+    )
+    for word in tl.static_range(4):
+        x0, x1, x2, x3 = _split4(tl.load(x_tokens[0] + 4 * word))
+        a = (p0[word], p0_[word], p1[word], p1_[word])
+        c0, c1, c2, c3 = _mma(*a, x0, x1, c0, c1, c2, c3)
+        b = (p2[word], p2_[word], p3[word], p3_[word])
+        c0, c1, c2, c3 = _mma(*b, x2, x3, c0, c1, c2, c3)
+        if TOKENS == 16:
+            x0, x1, x2, x3 = _split4(tl.load(x_tokens[1] + 4 * word))
+            c4, c5, c6, c7 = _mma(*a, x0, x1, c4, c5, c6, c7)
+            c4, c5, c6, c7 = _mma(*b, x2, x3, c4, c5, c6, c7)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _tile(acc, TOKENS: tl.constexpr):
+    """The fragments as a (rows, TOKENS) tile, rows in program order."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = acc
+    lanes: tl.constexpr = c0.shape[0]
+    first = tl.reshape(tl.join(c0, c1), (lanes, 8))
+    second = tl.reshape(tl.join(c2, c3), (lanes, 8))
+    if TOKENS == 16:
+        first = tl.join(first, tl.reshape(tl.join(c4, c5), (lanes, 8)))
+        first = tl.reshape(tl.permute(first, (0, 2, 1)), (lanes, 16))
+        second = tl.join(second, tl.reshape(tl.join(c6, c7), (lanes, 8)))
+        second = tl.reshape(tl.permute(second, (0, 2, 1)), (lanes, 16))
+    tile = tl.permute(tl.join(first, second), (2, 0, 1))
+    return tl.reshape(tile, (2 * lanes, TOKENS))
 
 
 @triton.jit
@@ -169,10 +202,11 @@ def fragment_kernel(
     stride_om,
     BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
-    16 tokens, over one of SPLIT ranges of K, 4 chunks of 64 columns (one
+    TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64 columns (one
     per lane of a row) a step. `x_ptr` is x as int32 pairs, `stride_xm` in
     pairs."""
     pid_n = tl.program_id(0)
@@ -187,19 +221,19 @@ def fragment_kernel(
         + chunks[None, :, None] * 8
         + quad[None, None, :]
     )
-    # ... and the activations of tokens g and g + 8 for those columns
-    # (padding tokens read the last token again; their sums are not stored).
-    lane_tokens = tl.arange(0, BLOCK_N) % 8
+    # ... and, in the same lanes, the activations of tokens g (and g + 8)
+    # for those columns, as int32 pairs (padding tokens read the last token
+    # again; their sums are not stored). Rows j and j + BLOCK_N / 2 share
+    # their lanes: a fragment's rows g and g + 8.
+    lane_tokens = tl.arange(0, BLOCK_N // 2) % 8
     pairs = chunks[None, :, None] * 32 + quad[None, None, :]
-    first_tokens = tl.minimum(lane_tokens, M - 1)
-    second_tokens = tl.minimum(lane_tokens + 8, M - 1)
-    x_first = x_ptr + first_tokens[:, None, None] * stride_xm + pairs
-    x_second = x_ptr + second_tokens[:, None, None] * stride_xm + pairs
+    x_tokens = (
+        x_ptr + tl.minimum(lane_tokens, M - 1)[:, None, None] * stride_xm + pairs,
+        x_ptr + tl.minimum(lane_tokens + 8, M - 1)[:, None, None] * stride_xm + pairs,
+    )
     row_blocks = rows.to(tl.int64)[:, None] * K_BLOCKS
-    c0 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
-    c1 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
-    c2 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
-    c3 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_N // 2, 4), dtype=tl.float32)
+    acc = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
     first = pid_k * STEPS_PER_SPLIT
     last = tl.minimum(first + STEPS_PER_SPLIT, STEPS)
     # Each step loads the next step's words and absmax before it decodes its
@@ -218,28 +252,17 @@ def fragment_kernel(
             tl.minimum(step + 1, last - 1),
             BLOCKSIZE,
         )
-        x_step = step * 128
-        c0, c1, c2, c3 = _multiply_half(
-            c0, c1, c2, c3, low, absmax, codes_ptr, x_first + x_step, x_second + x_step
-        )
-        c0, c1, c2, c3 = _multiply_half(
-            c0,
-            c1,
-            c2,
-            c3,
-            high,
-            absmax,
-            codes_ptr,
-            x_first + x_step + 16,
-            x_second + x_step + 16,
-        )
+        x_step = (x_tokens[0] + step * 128, x_tokens[1] + step * 128)
+        acc = _multiply_half(acc, low, absmax, codes_ptr, x_step, TOKENS)
+        x_step = (x_step[0] + 16, x_step[1] + 16)
+        acc = _multiply_half(acc, high, absmax, codes_ptr, x_step, TOKENS)
         absmax, low, high = next_absmax, next_low, next_high
     fused_4bit._write_tile(
-        _tile(c0, c1, c2, c3),
+        _tile(acc, TOKENS),
         rows,
-        tl.arange(0, 16),
+        tl.arange(0, TOKENS),
         row_mask,
-        tl.arange(0, 16) < M,
+        tl.arange(0, TOKENS) < M,
         partial_ptr,
         arrivals_ptr,
         out_ptr,
@@ -289,6 +312,11 @@ def matmul(
         raise ValueError(
             "the fragment 4-bit kernel writes an out with unit column stride"
         )
+    if rows_per_program % (16 * num_warps):
+        raise ValueError(
+            f"the fragment 4-bit kernel takes 16 rows per warp and fragment, "
+            f"not {rows_per_program} rows for {num_warps} warps"
+        )
     x_pairs = x.contiguous().view(torch.int32)
     steps = columns // 256
     programs = triton.cdiv(rows, rows_per_program)
@@ -319,6 +347,7 @@ def matmul(
         out.stride(0),
         BLOCKSIZE=weight.state.blocksize,
         BLOCK_N=rows_per_program,
+        TOKENS=8 if tokens <= 8 else 16,
         SPLIT=split,
         num_warps=num_warps,
     )

@@ -101,12 +101,17 @@ def compile_gemv(arch, tokens, split):
     return kernel, rows * 64 / (32 * gemv_4bit.NUM_WARPS)
 
 
-def compile_fragment(arch, split):
+def compile_fragment(arch, tokens, split):
     """The fragment candidate as `fragment_4bit.matmul` launches it, and the
     weights per thread of one step of its main loop (any token count up to
     16: they are one fragment)."""
     signature = {**SIGNATURE, "x_ptr": "*i32"}
-    constants = {"BLOCKSIZE": 64, "BLOCK_N": fragment_4bit.ROWS, "SPLIT": split}
+    constants = {
+        "BLOCKSIZE": 64,
+        "BLOCK_N": fragment_4bit.ROWS,
+        "TOKENS": tokens,
+        "SPLIT": split,
+    }
     kernel = _compile(
         fragment_4bit.fragment_kernel,
         signature,
@@ -152,7 +157,10 @@ def main(argv=None):
         (f"GEMV, {tokens} tokens", compile_gemv(args.arch, tokens, 5))
         for tokens in (1, 2, 4, 8)
     ]
-    kernels.append(("fragment, 1 to 16 tokens", compile_fragment(args.arch, 5)))
+    kernels += [
+        (f"fragment, {tokens} tokens", compile_fragment(args.arch, tokens, 5))
+        for tokens in (8, 16)
+    ]
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)

@@ -421,8 +421,8 @@ def fragment_layers(request):
     ]
 
 
-# No padding, odd counts, one fragment's first half, a whole fragment.
-FRAGMENT_TOKENS = [1, 3, 8, fragment_4bit.MAX_TOKENS]
+# One fragment of tokens (with padding, odd, whole), two (odd, whole).
+FRAGMENT_TOKENS = [1, 3, 8, 9, fragment_4bit.MAX_TOKENS]
 
 
 @pytest.mark.parametrize("tokens", FRAGMENT_TOKENS)
@@ -459,6 +459,8 @@ def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
         for wrong in (x, x[:0], x[:1].half()):
             with pytest.raises(ValueError, match="tokens of bfloat16"):
                 fragment_4bit.matmul(wrong, layer.merged)
+        with pytest.raises(ValueError, match="16 rows per warp"):
+            fragment_4bit.matmul(x[:1], layer.merged, rows_per_program=32)
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 16, 1 << 20])
