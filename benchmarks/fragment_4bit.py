@@ -206,9 +206,9 @@ def fragment_kernel(
     SPLIT: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
-    TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64 columns (one
-    per lane of a row) a step. `x_ptr` is x as int32 pairs, `stride_xm` in
-    pairs."""
+    TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
+    columns (one per lane of a row) a step. `x_ptr` is x as int32 pairs,
+    `stride_xm` in pairs."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,15 +320,7 @@ def matmul(
     x_pairs = x.contiguous().view(torch.int32)
     steps = columns // 256
     programs = triton.cdiv(rows, rows_per_program)
-    if split is None:
-        split = fused_4bit._split_for(x.device, programs, steps)
-    steps_per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, steps_per_split)
-    partial = (
-        torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
-        if split > 1
-        else out
-    )
+    split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
     fragment_kernel[(programs, split)](
         x_pairs,
         weight.packed.view(torch.int32),

@@ -203,15 +203,7 @@ def matmul(
     x = x.contiguous()
     steps = columns // 64
     programs = triton.cdiv(rows, rows_per_program)
-    if split is None:
-        split = fused_4bit._split_for(x.device, programs, steps)
-    steps_per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, steps_per_split)
-    partial = (
-        torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
-        if split > 1
-        else out
-    )
+    split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
     gemv_kernel[(programs, split)](
         x,
         weight.packed.view(torch.int32),

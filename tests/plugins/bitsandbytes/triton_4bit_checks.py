@@ -246,14 +246,20 @@ FORMATS = [
 ]
 
 
-@pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
-def layers(request):
-    quant_type, double_quant, blocksize = request.param
+def merged_layers(layer_format, shapes):
+    """A MergedLayer of each of `shapes` whose columns the format's blocks
+    divide."""
+    quant_type, double_quant, blocksize = layer_format
     return [
         MergedLayer(rows, columns, quant_type, double_quant, blocksize)
-        for rows, columns in SHAPES
+        for rows, columns in shapes
         if columns % blocksize == 0
     ]
+
+
+@pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
+def layers(request):
+    return merged_layers(request.param, SHAPES)
 
 
 def random_input(tokens, columns, seed):
@@ -413,12 +419,7 @@ def test_gemv_refuses_what_it_does_not_multiply(layers):
 
 @pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
 def fragment_layers(request):
-    quant_type, double_quant, blocksize = request.param
-    return [
-        MergedLayer(rows, columns, quant_type, double_quant, blocksize)
-        for rows, columns in FRAGMENT_SHAPES
-        if columns % blocksize == 0
-    ]
+    return merged_layers(request.param, FRAGMENT_SHAPES)
 
 
 # One fragment of tokens (with padding, odd, whole), two (odd, whole).

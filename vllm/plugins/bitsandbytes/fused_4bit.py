@@ -368,6 +368,23 @@ def _split_for(device: torch.device, programs: int, steps: int) -> int:
     return max(1, min(MAX_SPLIT, steps, triton.cdiv(2 * processors, programs)))
 
 
+def split_k(
+    out: torch.Tensor, programs: int, steps: int, split: int | None
+) -> tuple[int, int, torch.Tensor]:
+    """The ranges of K per tile (`split`, or enough to fill the GPU), the
+    steps per range, and where the programs store their sums for
+    `_write_tile`: `out` itself without a split, else float32 partial sums,
+    one (M, N) slice per range."""
+    if split is None:
+        split = _split_for(out.device, programs, steps)
+    steps_per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, steps_per_split)
+    if split == 1:
+        return split, steps_per_split, out
+    partial = torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+    return split, steps_per_split, partial
+
+
 def matmul(
     x: torch.Tensor,
     weight: MergedWeight,
@@ -399,15 +416,7 @@ def matmul(
     block_m, chunks, stages = launch_config(tokens, columns)
     steps = columns // (64 * chunks)
     grid_n, grid_m = triton.cdiv(rows, ROWS), triton.cdiv(tokens, block_m)
-    if split is None:
-        split = _split_for(x.device, grid_n * grid_m, steps)
-    steps_per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, steps_per_split)
-    partial = (
-        torch.empty(split, tokens, rows, dtype=torch.float32, device=x.device)
-        if split > 1
-        else out
-    )
+    split, steps_per_split, partial = split_k(out, grid_n * grid_m, steps, split)
     fused_kernel[(grid_n, grid_m, split)](
         x,
         weight.packed.view(torch.int32),
