@@ -132,20 +132,19 @@ def _multiply_half(acc, words, absmax, codes_ptr, x_tokens, TOKENS: tl.constexpr
     activations of tokens g and g + 8 as int32 pairs, word w's at 4 w."""
     c0, c1, c2, c3, c4, c5, c6, c7 = acc
     p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
-    (p0, p0_), (p1, p1_), (p2, p2_), (p3, p3_) = (
-        _words(p0),
-        _words(p1),
-        _words(p2),
-        _words(p3),
-    )
+    # One target per assignment: triton 3.6 cannot parse nested unpacking.
+    p0, p0_ = _words(p0)
+    p1, p1_ = _words(p1)
+    p2, p2_ = _words(p2)
+    p3, p3_ = _words(p3)
     for word in tl.static_range(4):
-        x0, x1, x2, x3 = _split4(tl.load(x_tokens[0] + 4 * word))
+        x0, x1, x2, x3 = _split4(_load_lanes(x_tokens[0] + 4 * word))
         a = (p0[word], p0_[word], p1[word], p1_[word])
         c0, c1, c2, c3 = _mma(*a, x0, x1, c0, c1, c2, c3)
         b = (p2[word], p2_[word], p3[word], p3_[word])
         c0, c1, c2, c3 = _mma(*b, x2, x3, c0, c1, c2, c3)
         if TOKENS == 16:
-            x0, x1, x2, x3 = _split4(tl.load(x_tokens[1] + 4 * word))
+            x0, x1, x2, x3 = _split4(_load_lanes(x_tokens[1] + 4 * word))
             c4, c5, c6, c7 = _mma(*a, x0, x1, c4, c5, c6, c7)
             c4, c5, c6, c7 = _mma(*b, x2, x3, c4, c5, c6, c7)
     return c0, c1, c2, c3, c4, c5, c6, c7
@@ -168,18 +167,31 @@ def _tile(acc, TOKENS: tl.constexpr):
 
 
 @triton.jit
-def _load_step(words_ptr, absmax_ptr, row_words, row_blocks, row_mask, step, BLOCKSIZE):
+def _load_lanes(pointers, mask=None, other=None):
+    """Load (R * 4, C) `pointers` to lanes 4 j + t, element j * 4 + t, as
+    (R, 4, C). The 4 of one row are along the first dimension with the
+    rows, not one of their own: there every Triton version puts them in
+    consecutive lanes, as the fragments need (with a dimension of equal
+    contiguity for each, triton 3.6 and 3.9 order them differently)."""
+    values = tl.load(pointers, mask=mask, other=other)
+    return tl.reshape(values, (values.shape[0] // 4, 4, values.shape[1]))
+
+
+@triton.jit
+def _load_step(
+    words_ptr, absmax_ptr, row_words, row_blocks, chunks, chunk_mask, step, BLOCKSIZE
+):
     """A step's absmax (R, 4) and words, as two 16-byte halves (R, 4, 4)."""
     k = step * 256
-    chunks = tl.arange(0, 4)
-    absmax = tl.load(
-        absmax_ptr + row_blocks + ((k + 64 * chunks) // BLOCKSIZE)[None, :],
-        mask=row_mask[:, None],
+    absmax = _load_lanes(
+        absmax_ptr + (row_blocks + (k + 64 * chunks) // BLOCKSIZE)[:, None],
+        mask=chunk_mask[:, None],
         other=0.0,
     )
+    absmax = tl.reshape(absmax, (absmax.shape[0], 4))
     words = words_ptr + row_words + k // 8
-    low = tl.load(words, mask=row_mask[:, None, None], other=0)
-    high = tl.load(words + 4, mask=row_mask[:, None, None], other=0)
+    low = _load_lanes(words, mask=chunk_mask[:, None], other=0)
+    high = _load_lanes(words + 4, mask=chunk_mask[:, None], other=0)
     return absmax, low, high
 
 
@@ -213,25 +225,28 @@ def fragment_kernel(
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    chunks = tl.arange(0, 4)
+    # Element 4 j + t of the step's loads is chunk t (words 8 t to 8 t + 7)
+    # of row j, which `_load_lanes` puts in lane 4 (j % 8) + t.
+    lanes = tl.arange(0, 4 * BLOCK_N)
+    chunk_rows = pid_n * BLOCK_N + lanes // 4
+    chunk_mask = chunk_rows < N
+    chunks = lanes % 4
     quad = tl.arange(0, 4)
-    # Lane (g, t) holds row g's chunk t: words 8 t to 8 t + 7 of the step.
     row_words = (
-        rows.to(tl.int64)[:, None, None] * K_WORDS
-        + chunks[None, :, None] * 8
-        + quad[None, None, :]
+        chunk_rows.to(tl.int64)[:, None] * K_WORDS + chunks[:, None] * 8 + quad[None, :]
     )
+    row_blocks = chunk_rows.to(tl.int64) * K_BLOCKS
     # ... and, in the same lanes, the activations of tokens g (and g + 8)
     # for those columns, as int32 pairs (padding tokens read the last token
     # again; their sums are not stored). Rows j and j + BLOCK_N / 2 share
     # their lanes: a fragment's rows g and g + 8.
-    lane_tokens = tl.arange(0, BLOCK_N // 2) % 8
-    pairs = chunks[None, :, None] * 32 + quad[None, None, :]
+    x_lanes = tl.arange(0, 2 * BLOCK_N)
+    lane_tokens = (x_lanes // 4) % 8
+    pairs = (x_lanes % 4)[:, None] * 32 + quad[None, :]
     x_tokens = (
-        x_ptr + tl.minimum(lane_tokens, M - 1)[:, None, None] * stride_xm + pairs,
-        x_ptr + tl.minimum(lane_tokens + 8, M - 1)[:, None, None] * stride_xm + pairs,
+        x_ptr + tl.minimum(lane_tokens, M - 1)[:, None] * stride_xm + pairs,
+        x_ptr + tl.minimum(lane_tokens + 8, M - 1)[:, None] * stride_xm + pairs,
     )
-    row_blocks = rows.to(tl.int64)[:, None] * K_BLOCKS
     zeros = tl.zeros((BLOCK_N // 2, 4), dtype=tl.float32)
     acc = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
     first = pid_k * STEPS_PER_SPLIT
@@ -240,7 +255,14 @@ def fragment_kernel(
     # own, so the loads of two steps are in flight (the last step loads
     # itself again).
     absmax, low, high = _load_step(
-        words_ptr, absmax_ptr, row_words, row_blocks, row_mask, first, BLOCKSIZE
+        words_ptr,
+        absmax_ptr,
+        row_words,
+        row_blocks,
+        chunks,
+        chunk_mask,
+        first,
+        BLOCKSIZE,
     )
     for step in range(first, last):
         next_absmax, next_low, next_high = _load_step(
@@ -248,7 +270,8 @@ def fragment_kernel(
             absmax_ptr,
             row_words,
             row_blocks,
-            row_mask,
+            chunks,
+            chunk_mask,
             tl.minimum(step + 1, last - 1),
             BLOCKSIZE,
         )

@@ -56,8 +56,20 @@ from benchmarks import chunked_4bit, fragment_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
-# H200 HBM3e peak, from the datasheet: the ceiling of a memory-bound GEMV.
-HBM_BYTES_PER_S = 4.8e12
+# Peak HBM bandwidth by device, from the datasheets: the ceiling of a
+# memory-bound GEMV.
+HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
+
+
+def hbm_bytes_per_s() -> float:
+    name = torch.cuda.get_device_name()
+    if name not in HBM_BYTES_PER_S:
+        raise SystemExit(
+            f"no HBM bandwidth known for {name}: add it to HBM_BYTES_PER_S"
+        )
+    return HBM_BYTES_PER_S[name]
+
+
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
 LAYERS = {
     "qkv": (HIDDEN, [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]),
@@ -165,7 +177,7 @@ class Layer:
         )
         self.limit_us = (
             (self.merged.packed.numel() + 4 * self.merged.state.absmax.numel())
-            / HBM_BYTES_PER_S
+            / hbm_bytes_per_s()
             * 1e6
         )
 
@@ -459,7 +471,7 @@ def main(argv=None):
             "bitsandbytes": bitsandbytes.__version__,
             "python": platform.python_version(),
         },  # fmt: skip
-        "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        "hbm_bytes_per_s": hbm_bytes_per_s(),
         "fused_tokens": kernels.FUSED_TOKENS,
         "layers": measure_layers(layers, batches),
     }
