@@ -13,19 +13,10 @@ call captured in a CUDA graph (as vLLM runs decode) and timed by replaying
 it, median of the repetitions, in one run:
 
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
-  per merged layer, bitsandbytes' GEMV for one token, the fused kernel for
+  per merged layer, `fragment_4bit` up to 16 tokens, the fused kernel up to
   `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
-  the tensor cores, at every batch size;
-- ``gemv`` (up to `gemv_4bit.MAX_TOKENS` tokens): the candidate GEMV of
-  `benchmarks/gemv_4bit.py`, against the calls the plugin makes today:
-  ``bnb_merged`` at one token, ``fused`` from 2;
-- ``fragment`` (up to `fragment_4bit.MAX_TOKENS` tokens): the candidate of
-  `benchmarks/fragment_4bit.py`, tensor-core fragments loaded straight
-  from the weights, against the same calls;
-- ``chunked`` (beyond `FUSED_TOKENS`): the candidate of
-  `benchmarks/chunked_4bit.py`, decode + cuBLAS a chunk of rows at a time
-  in L2, against ``triton``, the call the plugin makes today;
+  the tensor cores through shared memory, at every batch size;
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -52,7 +43,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import chunked_4bit, fragment_4bit, gemv_4bit
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
@@ -187,15 +177,6 @@ class Layer:
     def fused(self, x):
         return fused_4bit.matmul(x, self.merged)
 
-    def gemv(self, x):
-        return gemv_4bit.matmul(x, self.merged)
-
-    def fragment(self, x):
-        return fragment_4bit.matmul(x, self.merged)
-
-    def chunked(self, x):
-        return chunked_4bit.matmul(x, self.merged)
-
     def triton(self, x):
         merged = self.merged
         weights = kernels.dequantize(
@@ -249,15 +230,6 @@ def measure_layers(layers, batches):
                 "triton_rel_err": relative_error(layer.triton(x), reference),
                 "bnb_rel_err": relative_error(layer.bnb(x, out), reference),
             }
-            if batch <= gemv_4bit.MAX_TOKENS:
-                row["gemv_us"] = graph_us(layer.gemv, x)
-                row["gemv_rel_err"] = relative_error(layer.gemv(x), reference)
-            if batch <= fragment_4bit.MAX_TOKENS:
-                row["fragment_us"] = graph_us(layer.fragment, x)
-                row["fragment_rel_err"] = relative_error(layer.fragment(x), reference)
-            if batch > kernels.FUSED_TOKENS[1]:
-                row["chunked_us"] = graph_us(layer.chunked, x)
-                row["chunked_rel_err"] = relative_error(layer.chunked(x), reference)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -268,9 +240,8 @@ def decoder_layer_summary(rows):
     summary = {}
     for row in rows:
         total = summary.setdefault(row["batch"], {"batch": row["batch"]})
-        for side in (*SIDES, "gemv", "fragment", "chunked"):
-            if f"{side}_us" in row:
-                total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
+        for side in SIDES:
+            total[f"{side}_us"] = total.get(f"{side}_us", 0.0) + row[f"{side}_us"]
     return [summary[b] for b in sorted(summary)]
 
 
@@ -498,28 +469,6 @@ def main(argv=None):
             f"{total['fused_us'] / total['bf16_us']:.2f} | "
             f"{total['fused_us'] / total['limit_us']:.2f}"
         )
-        if "gemv_us" in total:
-            print(
-                f"batch {total['batch']} GEMV candidate: {total['gemv_us']:.1f} µs "
-                f"per decoder layer, {total['gemv_us'] / total['plugin_us']:.2f}× "
-                f"the plugin, {total['gemv_us'] / total['bf16_us']:.2f}× bf16, "
-                f"{total['gemv_us'] / total['limit_us']:.2f}× the limit"
-            )
-        if "fragment_us" in total:
-            print(
-                f"batch {total['batch']} fragment candidate: "
-                f"{total['fragment_us']:.1f} µs per decoder layer, "
-                f"{total['fragment_us'] / total['plugin_us']:.2f}× the plugin, "
-                f"{total['fragment_us'] / total['bf16_us']:.2f}× bf16, "
-                f"{total['fragment_us'] / total['limit_us']:.2f}× the limit"
-            )
-        if "chunked_us" in total:
-            print(
-                f"batch {total['batch']} chunked candidate: "
-                f"{total['chunked_us']:.1f} µs per decoder layer, "
-                f"{total['chunked_us'] / total['triton_us']:.2f}× decode + cuBLAS, "
-                f"{total['chunked_us'] / total['bf16_us']:.2f}× bf16"
-            )
     try:
         chart(report["decoder_layer"], args.out / "gpu_4bit.png")
     except ImportError:

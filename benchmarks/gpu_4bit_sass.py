@@ -1,20 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Machine instructions per weight of the fused 4-bit kernel and of the
-candidate GEMV, without a GPU.
+"""Machine instructions per weight of the register 4-bit kernels, without
+a GPU.
 
 Usage (any machine with torch and triton; no GPU, no CUDA driver)::
 
     python3 -m benchmarks.gpu_4bit_sass [--arch 90]
 
-Compiles `fused_4bit.fused_kernel` and `gemv_4bit.gemv_kernel` for an NVIDIA
-architecture (sm_90, the H100/H200, by default) with Triton's bundled ptxas,
-disassembles them with its bundled nvdisasm, and counts the SASS
-instructions in each kernel's main loop per weight and thread, by opcode. It
-is a static count of the code a GPU would run, the budget the kernel design
-works against (an H200 issues about 3.3e13 thread-instructions per second,
-so a Llama-3-8B decoder layer's 218 million weights at 6 instructions each
-need at least 40 µs); it says nothing about latency or memory stalls, which
-only a GPU run measures (`benchmarks/gpu_4bit.py`).
+Compiles `fused_4bit.fused_kernel` and `fragment_4bit.fragment_kernel` for
+an NVIDIA architecture (sm_90, the H100/H200, by default) with Triton's
+bundled ptxas, disassembles them with its bundled nvdisasm, and counts the
+SASS instructions in each kernel's main loop per weight and thread, by
+opcode. It is a static count of the code a GPU would run, the budget the
+kernel design works against (an H200 issues about 3.3e13
+thread-instructions per second, so a Llama-3-8B decoder layer's 218 million
+weights at 6 instructions each need at least 40 µs); it says nothing about
+latency or memory stalls, which only a GPU run measures
+(`benchmarks/gpu_4bit.py`). Another triton release can be counted from a
+folder ahead of this one on `PYTHONPATH`, e.g. after
+``pip install --no-deps --target /tmp/t36 triton==3.6.0``.
 """
 
 import argparse
@@ -29,8 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
-from benchmarks import fragment_4bit, gemv_4bit
-from vllm.plugins.bitsandbytes import fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
 
 SIGNATURE = {
     "x_ptr": "*bf16",
@@ -90,37 +92,17 @@ def compile_kernel(arch, tokens, split):
     return kernel, fused_4bit.ROWS * 64 * chunks / (32 * NUM_WARPS)
 
 
-def compile_gemv(arch, tokens, split):
-    """The candidate GEMV as `gemv_4bit.matmul` launches it for `tokens`
-    tokens, and the weights per thread of one step of its main loop."""
-    rows = gemv_4bit.ROWS
+def compile_fragment(arch, tokens, split):
+    """`fragment_4bit.fragment_kernel` as `fragment_4bit.matmul` launches it
+    for `tokens` tokens (8: one fragment of them, 16: two), and the weights
+    per thread of one step of its main loop."""
+    rows, num_warps = fragment_4bit.launch_config(tokens)
+    signature = {**SIGNATURE, "x_ptr": "*i32"}
     constants = {"BLOCKSIZE": 64, "BLOCK_N": rows, "TOKENS": tokens, "SPLIT": split}
     kernel = _compile(
-        gemv_4bit.gemv_kernel, SIGNATURE, constants, arch, gemv_4bit.NUM_WARPS, 1
+        fragment_4bit.fragment_kernel, signature, constants, arch, num_warps, 1
     )
-    return kernel, rows * 64 / (32 * gemv_4bit.NUM_WARPS)
-
-
-def compile_fragment(arch, tokens, split):
-    """The fragment candidate as `fragment_4bit.matmul` launches it, and the
-    weights per thread of one step of its main loop (any token count up to
-    16: they are one fragment)."""
-    signature = {**SIGNATURE, "x_ptr": "*i32"}
-    constants = {
-        "BLOCKSIZE": 64,
-        "BLOCK_N": fragment_4bit.ROWS,
-        "TOKENS": tokens,
-        "SPLIT": split,
-    }
-    kernel = _compile(
-        fragment_4bit.fragment_kernel,
-        signature,
-        constants,
-        arch,
-        fragment_4bit.NUM_WARPS,
-        1,
-    )
-    return kernel, fragment_4bit.ROWS * 256 / (32 * fragment_4bit.NUM_WARPS)
+    return kernel, rows * 256 / (32 * num_warps)
 
 
 def main_loop(sass):
@@ -152,11 +134,7 @@ def main(argv=None):
         (f"BLOCK_M {block_m:3d}", compile_kernel(args.arch, block_m, 1))
         for block_m in (16, 64, 128)
     ]
-    # Split K as on an H200 for the gate/up layer (56 programs, 132 SMs).
-    kernels += [
-        (f"GEMV, {tokens} tokens", compile_gemv(args.arch, tokens, 5))
-        for tokens in (1, 2, 4, 8)
-    ]
+    # With split K, as small layers get it (the main loop is the same).
     kernels += [
         (f"fragment, {tokens} tokens", compile_fragment(args.arch, tokens, 5))
         for tokens in (8, 16)

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fused 4-bit kernel and the candidates (GEMV, fragment) compiled for
-an H200 (sm_90) without a GPU: their main loops must stay a register
+"""The register 4-bit kernels (fused, fragment) compiled for an H100/H200
+(sm_90) without a GPU: their main loops must stay a register
 decode, far below the 11 to 15 instructions per weight that a table load
 per weight costs.
 
@@ -44,29 +44,8 @@ def test_main_loop_decodes_in_registers(printed):
         assert "LDG" not in opcodes, printed
 
 
-def test_gemv_main_loop_decodes_in_registers_without_shared_memory(printed):
-    """The GEMV's whole step stays in registers, at every token count: a
-    layout conversion through shared memory (with its barriers) in the loop
-    is what its layout is built to avoid, and spills would put the
-    accumulators in memory. Each token adds a multiply-add per weight and
-    the conversion of its activations, amortized over a thread's rows."""
-    counts = re.findall(
-        r"GEMV, (\d) tokens: ([\d.]+) instructions \((.*)\); "
-        r"shared or local memory in the loop: ([^;]*); (\d+) registers",
-        printed,
-    )
-    assert [int(tokens) for tokens, *_ in counts] == [1, 2, 4, 8], printed
-    for tokens, per_weight, top, memory, registers in counts:
-        assert float(per_weight) < 5 + 1.75 * int(tokens), printed
-        assert memory == "none", printed
-        if tokens == "1":
-            assert top.split()[0] == "PRMT", printed
-            # 3 programs of 128 threads fit in an SM's 65536 registers.
-            assert int(registers) * 128 * 3 <= 65536, printed
-
-
 def test_fragment_main_loop_feeds_the_tensor_cores_from_registers(printed):
-    """The fragment candidate's decoded pairs are `mma.sync` operands as
+    """`fragment_4bit`'s decoded pairs are `mma.sync` operands as
     they are: if Triton gave them another layout than the fragments' lanes,
     converting them would go through shared memory in the loop (and the
     interpreter checks could not tell). One HMMA per 8 weights and thread

@@ -12,16 +12,17 @@ kernels do, so on a GPU machine without vLLM it runs directly:
 The reference for the weights is `bitsandbytes.functional.dequantize_4bit`
 of each shard as stored: the Triton kernel must multiply by exactly those
 bfloat16 values, and a float32 matmul of them is the reference for its
-products. For one token (and below `MIN_TRITON_TOKENS` where the fused
-kernel does not apply) the path is bitsandbytes' own `matmul_4bit`, called
-once for the merged layer instead of once per shard.
+products. Below `MIN_TRITON_TOKENS`, for layers neither register kernel
+takes, the path is bitsandbytes' own `matmul_4bit`, called once for the
+merged layer instead of once per shard.
 
-The fused kernel (`fused_4bit`), which `matmul` runs from 2 to 128 tokens,
-is also checked on its own, at every token count and split of K. Its decode
-is inline PTX, which the interpreter cannot run (it runs the kernel's
-table-load decode instead). `PtxEmulator` executes that PTX instruction by
-instruction on the CPU, as the PTX ISA defines each instruction, so the
-decode the GPU runs is checked here too.
+The register kernels, `fragment_4bit` (which `matmul` runs up to 16 tokens)
+and `fused_4bit` (up to 128), are also checked on their own, at every token
+count and split of K. Their decode is inline PTX, which the interpreter
+cannot run (it runs a table-load decode instead). `PtxEmulator` executes
+that PTX instruction by instruction on the CPU, as the PTX ISA defines each
+instruction, so the decode the GPU runs is checked here too; likewise
+`fragment_4bit._mma` computes what `mma.sync` computes from its lanes.
 """
 
 import operator
@@ -37,8 +38,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
-from benchmarks import chunked_4bit, fragment_4bit, gemv_4bit
-from vllm.plugins.bitsandbytes import fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 ON_GPU = torch.cuda.is_available()
@@ -229,7 +229,7 @@ if ON_GPU:
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
-    # The fragment candidate takes steps of 256 columns.
+    # `fragment_4bit` takes steps of 256 columns.
     FRAGMENT_SHAPES = [([48, 16, 16], 512), ([24], 256)]
     TRITON_BATCHES = [2, kernels.MIN_TRITON_TOKENS, 17, 130]
     FUSED_BATCHES = [1, 3, 17, 130]
@@ -371,52 +371,6 @@ def test_fused_matmul_writes_all_of_out(layers):
             assert torch.equal(out, fused_4bit.matmul(x, layer.merged, split=split))
 
 
-# Every padding of the GEMV's tokens: none, odd counts, the most it takes.
-GEMV_TOKENS = [1, 2, 3, gemv_4bit.MAX_TOKENS]
-
-
-@pytest.mark.parametrize("tokens", GEMV_TOKENS)
-@pytest.mark.parametrize("split", FUSED_SPLITS)
-def test_gemv_matches_float32_reference(layers, tokens, split):
-    """The candidate GEMV (`benchmarks/gemv_4bit.py`)."""
-    for index, layer in enumerate(fused_layers(layers)):
-        x = random_input(tokens, layer.reference.shape[1], seed=index)
-        out = gemv_4bit.matmul(x, layer.merged, split=split)
-        assert_matches_float32_reference(out, x, layer.reference)
-
-
-@pytest.mark.parametrize("tokens", GEMV_TOKENS)
-@pytest.mark.parametrize("split", FUSED_SPLITS)
-def test_gemv_multiplies_by_the_exact_weights(layers, tokens, split):
-    """One-hot tokens pick columns of weights, exactly: columns in both
-    nibbles of a byte, both halves of a chunk, the first and last chunk,
-    each token its own."""
-    for layer in fused_layers(layers):
-        columns = layer.reference.shape[1]
-        picks = [0, 1, 30, 33, 62, columns - 1]
-        for start in range(0, len(picks), tokens):
-            picked = torch.tensor(picks[start : start + tokens], device=DEVICE)
-            x = torch.zeros(len(picked), columns, dtype=torch.bfloat16, device=DEVICE)
-            x[torch.arange(len(picked), device=DEVICE), picked] = 1
-            out = gemv_4bit.matmul(x, layer.merged, split=split)
-            assert torch.equal(out, layer.reference[:, picked].T)
-
-
-def test_gemv_refuses_what_it_does_not_multiply(layers):
-    for layer in layers:
-        x = random_input(gemv_4bit.MAX_TOKENS + 1, layer.reference.shape[1], seed=3)
-        if not fused_4bit.supports(layer.merged):
-            with pytest.raises(ValueError, match="multiple of 64"):
-                gemv_4bit.matmul(x[:1], layer.merged)
-            continue
-        with pytest.raises(ValueError, match="tokens of bfloat16"):
-            gemv_4bit.matmul(x, layer.merged)
-        with pytest.raises(ValueError, match="tokens of bfloat16"):
-            gemv_4bit.matmul(x[:0], layer.merged)
-        with pytest.raises(ValueError, match="tokens of bfloat16"):
-            gemv_4bit.matmul(x[:1].half(), layer.merged)
-
-
 @pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
 def fragment_layers(request):
     return merged_layers(request.param, FRAGMENT_SHAPES)
@@ -429,7 +383,7 @@ FRAGMENT_TOKENS = [1, 3, 8, 9, fragment_4bit.MAX_TOKENS]
 @pytest.mark.parametrize("tokens", FRAGMENT_TOKENS)
 @pytest.mark.parametrize("split", FUSED_SPLITS)
 def test_fragment_matches_float32_reference(fragment_layers, tokens, split):
-    """The candidate of `benchmarks/fragment_4bit.py`."""
+    """`fragment_4bit` on its own, at every padding of its fragments."""
     for index, layer in enumerate(fragment_layers):
         if not fragment_4bit.supports(layer.merged):
             continue
@@ -450,6 +404,21 @@ def test_fragment_multiplies_by_the_exact_weights(fragment_layers, split):
         assert torch.equal(out, layer.reference[:, picked].T)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9, 16, 17])
+def test_matmul_takes_the_fragments_up_to_16_tokens(fragment_layers, tokens):
+    """The shipped matmul runs `fragment_4bit` up to 16 tokens and the fused
+    kernel beyond: the same products, bit for bit, and the float32
+    reference's."""
+    for index, layer in enumerate(fragment_layers):
+        if not fragment_4bit.supports(layer.merged):
+            continue
+        x = random_input(tokens, layer.reference.shape[1], seed=index)
+        out = kernels.matmul(x, layer.merged)
+        path = fragment_4bit if tokens <= fragment_4bit.MAX_TOKENS else fused_4bit
+        assert torch.equal(out, path.matmul(x, layer.merged))
+        assert_matches_float32_reference(out, x, layer.reference)
+
+
 def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
     for layer in (*fragment_layers, *layers):
         x = random_input(17, layer.reference.shape[1], seed=3)
@@ -462,21 +431,6 @@ def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
                 fragment_4bit.matmul(wrong, layer.merged)
         with pytest.raises(ValueError, match="16 rows per warp"):
             fragment_4bit.matmul(x[:1], layer.merged, rows_per_program=32)
-
-
-@pytest.mark.parametrize("chunk_rows", [7, 16, 1 << 20])
-def test_chunked_matmul_matches_float32_reference(layers, chunk_rows):
-    """The candidate of `benchmarks/chunked_4bit.py`: the weight decoded a
-    chunk of rows at a time (a row count no tile divides, one the decode
-    kernel's tile divides, the whole weight at once)."""
-    for index, layer in enumerate(layers):
-        columns = layer.reference.shape[1]
-        x = random_input(TRITON_BATCHES[-1], columns, seed=index)
-        out = chunked_4bit.matmul(x, layer.merged, chunk_bytes=2 * columns * chunk_rows)
-        assert_matches_float32_reference(out, x, layer.reference)
-        x, picked = one_hot_rows(16, columns)
-        out = chunked_4bit.matmul(x, layer.merged, chunk_bytes=2 * columns * chunk_rows)
-        assert torch.equal(out, layer.reference[:, picked].T)
 
 
 def one_hot_rows(tokens, columns):
@@ -565,11 +519,13 @@ def test_routed_experts_decode_to_bitsandbytes_weights(layers):
 
 @pytest.mark.parametrize("tokens", range(1, kernels.MIN_TRITON_TOKENS))
 def test_few_tokens_are_today_s_bitsandbytes_product(layers, tokens):
-    """Where bitsandbytes runs (one token; below MIN_TRITON_TOKENS for blocks
-    the fused kernel does not take), one call on the merged layer computes
-    what one call per shard computes."""
+    """Where bitsandbytes runs (below MIN_TRITON_TOKENS for layers neither
+    register kernel takes), one call on the merged layer computes what one
+    call per shard computes."""
     for layer in layers:
-        if tokens >= kernels.FUSED_TOKENS[0] and fused_4bit.supports(layer.merged):
+        if fragment_4bit.supports(layer.merged) or (
+            tokens >= kernels.FUSED_TOKENS[0] and fused_4bit.supports(layer.merged)
+        ):
             continue
         x = random_input(tokens, layer.reference.shape[1], seed=tokens)
         torch.testing.assert_close(
@@ -584,9 +540,6 @@ if ON_GPU:
         [
             *[(t, kernels.matmul) for t in (1, 16, 256)],
             *[(t, fused_4bit.matmul) for t in (1, 16, 256)],
-            (1, gemv_4bit.matmul),
-            (16, fragment_4bit.matmul),
-            (256, chunked_4bit.matmul),
         ],
         ids=[
             "shipped-1",
@@ -595,23 +548,18 @@ if ON_GPU:
             "fused-1",
             "fused-16",
             "fused-256",
-            "gemv-1",
-            "fragment-16",
-            "chunked-256",
         ],
     )
     def test_cuda_graph_replay(layers, tokens, matmul):
         """Captured once, replayed on new inputs: the results of eager calls,
-        on each of the shipped matmul's paths, on the fused kernel at every
-        token count and on the candidates. Split K included: the arrival
+        on each of the shipped matmul's paths and on the fused kernel at
+        every token count. Split K included: the arrival
         counts reset themselves, so every replay adds its partial sums
         afresh."""
         candidates = layers
-        if matmul in (fused_4bit.matmul, gemv_4bit.matmul):
+        if matmul is fused_4bit.matmul:
             # Blocks of 32: every layer is refused (fused_layers checks it).
             candidates = list(fused_layers(layers))
-        if matmul is fragment_4bit.matmul:
-            candidates = [c for c in layers if fragment_4bit.supports(c.merged)]
         if not candidates:
             return
         layer = candidates[0]

@@ -8,13 +8,15 @@ The weights stay as bitsandbytes stores them: row-major, two values per byte
 concatenated, are then the storage of the stacked matrix, so one call covers
 the layer instead of one per shard.
 
-One token runs bitsandbytes' own `matmul_4bit` once for the whole layer
-(its GEMV, the fastest kernel here for it). From 2 to 128 tokens the fused
-kernel of `fused_4bit` decodes in registers and multiplies on the tensor
-cores. Beyond, a Triton kernel decodes the whole layer once and cuBLAS
-multiplies, as vLLM's AWQ path does for large batches. Both Triton paths
+From 1 to 16 tokens `fragment_4bit` decodes in registers straight into
+the tensor cores' operands. From 17 to 128 tokens the fused kernel of
+`fused_4bit` decodes in registers and multiplies on the tensor cores
+through shared memory. Beyond, a Triton kernel decodes the whole layer once
+and cuBLAS multiplies, as vLLM's AWQ path does for large batches. All three
 multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s weights
-(code value times block absmax in float32, rounded to bfloat16).
+(code value times block absmax in float32, rounded to bfloat16). Layers
+whose shape the two register kernels do not take, and float16 models, run
+bitsandbytes' own `matmul_4bit` for few tokens.
 
 The fused-MoE method (`moe.py`) decodes experts with the same kernel, only
 those its tokens are routed to (`compact_routing`).
@@ -33,8 +35,8 @@ import triton.language as tl
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # The token counts for which the fused kernel (`fused_4bit`) is the fastest
-# path; below, bitsandbytes' GEMV, above, decode once and cuBLAS (H200
-# measurements in docs/benchmarks.md, section 5).
+# path where `fragment_4bit` does not take the layer; above, decode once and
+# cuBLAS (GPU measurements in docs/benchmarks.md, section 5).
 FUSED_TOKENS = (2, 128)
 # Where the fused kernel does not apply (blocks of 32, float16 activations):
 # below this many tokens bitsandbytes' kernels are faster.
@@ -209,7 +211,9 @@ def compact_routing(
     shapes, and nothing waits for the GPU, so CUDA graphs capture it.
     """
     is_routed = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
-    is_routed[topk_ids.flatten().long()] = True
+    # index_fill_, not `is_routed[ids] = True`: the latter copies True from
+    # the CPU, which CUDA-graph capture refuses.
+    is_routed.index_fill_(0, topk_ids.flatten().long(), True)
     # A stable sort puts the routed experts first, in id order.
     order = torch.argsort(is_routed.logical_not().to(torch.uint8), stable=True)
     position = torch.empty_like(order)
@@ -273,9 +277,15 @@ def matmul(
 ) -> torch.Tensor:
     """x (M, K) bfloat16 times the merged weight transposed, into `out` (M, N)
     bfloat16 if given."""
-    from vllm.plugins.bitsandbytes import fused_4bit
+    from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
 
     tokens = x.shape[0]
+    if (
+        tokens <= fragment_4bit.MAX_TOKENS
+        and x.dtype == torch.bfloat16
+        and fragment_4bit.supports(weight)
+    ):
+        return fragment_4bit.matmul(x, weight, out=out)
     if (
         FUSED_TOKENS[0] <= tokens <= FUSED_TOKENS[1]
         and x.dtype == torch.bfloat16

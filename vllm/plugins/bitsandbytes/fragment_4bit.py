@@ -1,44 +1,37 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A candidate bitsandbytes 4-bit matmul for 1 to 16 tokens on the tensor
-cores, with the weights loaded straight into `mma.sync` operands.
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""bitsandbytes 4-bit matmul for 1 to 16 tokens on the tensor cores, with
+the weights loaded straight into `mma.sync` operands.
 
-The fused kernel (`fused_4bit`) hands its decoded tile to the tensor cores
-through shared memory, with barriers, and takes 161 µs per Llama-3-8B
-decoder layer on an H200 from 2 tokens to 16 (1.3× bf16), bound by that
-latency. The GEMV candidate (`benchmarks/gemv_4bit.py`) keeps everything in
-registers but pays a multiply-add per weight and token. Here the tensor
-cores multiply with `mma.sync.m16n8k16`, whose operand fragments are
-registers of known lanes: lane 4g + t holds rows g and g + 8 of the
-weights and token g of the activations, for the k slots of t. Loading a
-row's 16-byte halves of four 64-column chunks as a (rows, chunk, word)
-tensor makes Triton put chunk t of row j in lane 4 (j % 8) + t, and rows j
-and j + 32 in the same lane: those are a fragment's rows g and g + 8, and
-the decoded bfloat16 pairs are the weight operand as they are. The k slots
-are the lane's own columns and the activations are loaded in the same
-order (pairs of bfloat16 as int32, one 16-byte load per word and 8
-tokens), so the product is unchanged. Nothing goes through shared memory
-in the loop, and 8 tokens cost half the multiplies of 16.
+`mma.sync.m16n8k16`'s operand fragments are registers of known lanes: lane
+4g + t holds rows g and g + 8 of the weights and token g of the
+activations, for the k slots of t. The words of a step are loaded as a
+(4 rows, 4) tensor, chunk t (64 columns) of row j at 4 j + t, which every
+Triton version lays out with that element in lane 4 (j % 8) + t, and rows
+j and j + R / 2 in the same lane: a fragment's rows g and g + 8. So the
+decoded bfloat16 pairs are the weight operand as they are. The k slots are
+the lane's own columns and the activations are loaded in the same order
+(pairs of bfloat16 as int32, one 16-byte load per word and 8 tokens), so
+the product is unchanged. Nothing goes through shared memory in the loop,
+which is what bounds the fused kernel (`fused_4bit`) at these batch sizes,
+and 8 tokens cost half the multiplies of 16.
 
 The decode is `fused_4bit`'s (a per-block table built once per row and
 chunk, byte permutes, exactly `dequantize_4bit`'s weights). Under Triton's
 interpreter, which cannot run PTX, `_mma` computes what the PTX ISA defines
-`mma.sync.m16n8k16` to compute from those lanes' registers, so the CI
-checks test the fragment mapping; that Triton gives the operands that
-layout is what `benchmarks/gpu_4bit_sass.py` checks (no shared memory in the
-loop) and only a GPU run proves.
+`mma.sync.m16n8k16` to compute from those lanes' registers, so the CPU
+checks test the fragment mapping; `benchmarks/gpu_4bit_sass.py` checks that
+the compiled loop keeps the layout (no shared memory), and the GPU checks
+compare the compiled kernel with bitsandbytes.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from benchmarks.gemv_4bit import _high, _low
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
 
-# Weight rows per program and warps: 16 rows per warp and fragment.
-ROWS = 64
-NUM_WARPS = 4
 # Tokens per call: two fragments (m16n8k16's N is 8).
 MAX_TOKENS = 16
 
@@ -46,6 +39,24 @@ MMA_PTX = tl.constexpr(
     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
     "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
 )
+
+
+def launch_config(tokens: int) -> tuple[int, int]:
+    """Weight rows per program and warps for `tokens` tokens: the fastest
+    of a sweep on an H100 at Llama-3-8B shapes (docs/benchmarks.md)."""
+    return (128, 4) if tokens <= 8 else (64, 2)
+
+
+@triton.jit
+def _low(pair):
+    """The bfloat16 in the low half of `pair`, as float32."""
+    return (pair << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _high(pair):
+    """The bfloat16 in the high half of `pair`, as float32."""
+    return (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -309,13 +320,13 @@ def matmul(
     weight: MergedWeight,
     out: torch.Tensor | None = None,
     split: int | None = None,
-    rows_per_program: int = ROWS,
-    num_warps: int = NUM_WARPS,
+    rows_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """x (M, K) bfloat16, M at most MAX_TOKENS, times the merged weight
     transposed, into `out` (M, N) bfloat16 if given. `split` fixes the
     number of K ranges per tile (by default: enough to fill the GPU); the
-    last two arguments are for sweeps of the launch configuration."""
+    last two arguments, for sweeps, replace `launch_config`'s."""
     if not supports(weight):
         raise ValueError(
             "the fragment 4-bit kernel needs rows of a multiple of 256 columns "
@@ -329,6 +340,9 @@ def matmul(
             f"bfloat16 activations, not {tuple(x.shape)} {x.dtype}"
         )
     rows, columns = weight.state.shape
+    default_rows, default_warps = launch_config(tokens)
+    rows_per_program = rows_per_program or default_rows
+    num_warps = num_warps or default_warps
     if out is None:
         out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
     if out.stride(1) != 1:
