@@ -4,7 +4,7 @@ today's bitsandbytes path and bf16.
 
 Usage (on a CUDA machine; needs torch, triton and bitsandbytes, not vLLM)::
 
-    python3 -m benchmarks.gpu_4bit [--quick] [--moe] [--int8] [--out DIR]
+    python3 -m benchmarks.gpu_4bit [--quick] [--moe] [--int8] [--sweep] [--out DIR]
 
 Llama-3-8B decoder-layer shapes (q/k/v merged, o, gate/up merged, down),
 NF4 with double quantization as QLoRA checkpoints store it, absmax expanded
@@ -28,11 +28,15 @@ it, median of the repetitions, in one run:
 dequantized per forward) against decoding all experts and bf16 experts, at
 Mixtral-8x7B and Qwen3-30B-A3B expert shapes; ``--int8`` times
 LLM.int8() against bf16, eagerly (its default threshold cannot be captured)
-and, at threshold 0, in a graph. Writes ``gpu_4bit.json`` and
+and, at threshold 0, in a graph. ``--sweep`` times the fragment kernel's
+launch configurations (`FRAGMENT_SWEEP`) up to 16 tokens against
+`fragment_4bit.launch_config`'s. Writes ``gpu_4bit.json`` and
 ``gpu_4bit.png``; nothing is asserted.
 """
 
 import argparse
+import collections
+import functools
 import json
 import platform
 import statistics
@@ -43,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm.plugins.bitsandbytes import fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 # Peak HBM bandwidth by device, from the datasheets: the ceiling of a
@@ -342,6 +346,50 @@ def measure_moe(batches):
     return rows
 
 
+# The launch configurations `--sweep` times: (rows, warps) per program,
+# steps loaded ahead, cap on registers per thread.
+FRAGMENT_SWEEP = [
+    (shape, ahead, registers)
+    for shape in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
+    for ahead in (1, 2)
+    for registers in (None, 128)
+]
+
+
+def sweep_fragment(layers, batches):
+    """Per token count up to `fragment_4bit.MAX_TOKENS`, the decoder layer's
+    time with each launch configuration of the fragment kernel, next to
+    `launch_config`'s."""
+    results = []
+    for batch in (b for b in batches if b <= fragment_4bit.MAX_TOKENS):
+        totals = collections.Counter()
+        for layer in layers.values():
+            x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
+            totals["launch_config"] += graph_us(layer.plugin, x)
+            for (rows, warps), ahead, registers in FRAGMENT_SWEEP:
+                key = f"rows={rows} warps={warps} ahead={ahead} registers={registers}"
+                totals[key] += graph_us(
+                    functools.partial(
+                        fragment_4bit.matmul,
+                        weight=layer.merged,
+                        rows_per_program=rows,
+                        num_warps=warps,
+                        ahead=ahead,
+                        max_registers=registers,
+                    ),
+                    x,
+                )
+        best, best_us = min(totals.items(), key=lambda item: item[1])
+        print(
+            f"fragment sweep, {batch} tokens: launch_config "
+            f"{totals['launch_config']:.1f} µs per decoder layer, best {best_us:.1f} "
+            f"({best})",
+            flush=True,
+        )
+        results.append({"batch": batch, "us_per_decoder_layer": dict(totals)})
+    return results
+
+
 def measure_int8(layers, batches):
     """LLM.int8() per merged layer (one weight) against bf16."""
     import bitsandbytes as bnb
@@ -423,6 +471,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="batches 1, 16, 256")
     parser.add_argument("--moe", action="store_true", help="fused-MoE expert shapes")
     parser.add_argument("--int8", action="store_true", help="LLM.int8() against bf16")
+    parser.add_argument(
+        "--sweep", action="store_true", help="launch configurations of fragment_4bit"
+    )
     parser.add_argument("--out", type=Path, default=Path("build/benchmarks"))
     parser.add_argument("--batches", type=int, nargs="*", help="instead of the default")
     args = parser.parse_args(argv)
@@ -449,6 +500,8 @@ def main(argv=None):
     report["decoder_layer"] = decoder_layer_summary(report["layers"])
     if args.int8:
         report["int8"] = measure_int8(layers, batches)
+    if args.sweep:
+        report["fragment_sweep"] = sweep_fragment(layers, batches)
     del layers
     torch.cuda.empty_cache()
     if args.moe:

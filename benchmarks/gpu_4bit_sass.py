@@ -98,7 +98,13 @@ def compile_fragment(arch, tokens, split):
     per thread of one step of its main loop."""
     rows, num_warps = fragment_4bit.launch_config(tokens)
     signature = {**SIGNATURE, "x_ptr": "*i32"}
-    constants = {"BLOCKSIZE": 64, "BLOCK_N": rows, "TOKENS": tokens, "SPLIT": split}
+    constants = {
+        "BLOCKSIZE": 64,
+        "BLOCK_N": rows,
+        "TOKENS": tokens,
+        "SPLIT": split,
+        "AHEAD": 1,
+    }
     kernel = _compile(
         fragment_4bit.fragment_kernel, signature, constants, arch, num_warps, 1
     )

@@ -162,6 +162,17 @@ def _multiply_half(acc, words, absmax, codes_ptr, x_tokens, TOKENS: tl.constexpr
 
 
 @triton.jit
+def _multiply_step(
+    acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS: tl.constexpr
+):
+    """`acc` plus the products of one step: its two 16-byte halves."""
+    x_step = (x_tokens[0] + step * 128, x_tokens[1] + step * 128)
+    acc = _multiply_half(acc, low, absmax, codes_ptr, x_step, TOKENS)
+    x_step = (x_step[0] + 16, x_step[1] + 16)
+    return _multiply_half(acc, high, absmax, codes_ptr, x_step, TOKENS)
+
+
+@triton.jit
 def _tile(acc, TOKENS: tl.constexpr):
     """The fragments as a (rows, TOKENS) tile, rows in program order."""
     c0, c1, c2, c3, c4, c5, c6, c7 = acc
@@ -227,10 +238,12 @@ def fragment_kernel(
     BLOCK_N: tl.constexpr,
     TOKENS: tl.constexpr,
     SPLIT: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
     TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
-    columns (one per lane of a row) a step. `x_ptr` is x as int32 pairs,
+    columns (one per lane of a row) a step, with the loads of the next
+    AHEAD (1 or 2) steps in flight. `x_ptr` is x as int32 pairs,
     `stride_xm` in pairs."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -262,9 +275,9 @@ def fragment_kernel(
     acc = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
     first = pid_k * STEPS_PER_SPLIT
     last = tl.minimum(first + STEPS_PER_SPLIT, STEPS)
-    # Each step loads the next step's words and absmax before it decodes its
-    # own, so the loads of two steps are in flight (the last step loads
-    # itself again).
+    # Each step loads a later step's words and absmax before it decodes its
+    # own, so the loads of AHEAD + 1 steps are in flight (the last steps load
+    # the last one again).
     absmax, low, high = _load_step(
         words_ptr,
         absmax_ptr,
@@ -275,22 +288,49 @@ def fragment_kernel(
         first,
         BLOCKSIZE,
     )
-    for step in range(first, last):
-        next_absmax, next_low, next_high = _load_step(
+    if AHEAD == 1:
+        for step in range(first, last):
+            next_absmax, next_low, next_high = _load_step(
+                words_ptr,
+                absmax_ptr,
+                row_words,
+                row_blocks,
+                chunks,
+                chunk_mask,
+                tl.minimum(step + 1, last - 1),
+                BLOCKSIZE,
+            )
+            acc = _multiply_step(
+                acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
+            )
+            absmax, low, high = next_absmax, next_low, next_high
+    else:
+        absmax_1, low_1, high_1 = _load_step(
             words_ptr,
             absmax_ptr,
             row_words,
             row_blocks,
             chunks,
             chunk_mask,
-            tl.minimum(step + 1, last - 1),
+            tl.minimum(first + 1, last - 1),
             BLOCKSIZE,
         )
-        x_step = (x_tokens[0] + step * 128, x_tokens[1] + step * 128)
-        acc = _multiply_half(acc, low, absmax, codes_ptr, x_step, TOKENS)
-        x_step = (x_step[0] + 16, x_step[1] + 16)
-        acc = _multiply_half(acc, high, absmax, codes_ptr, x_step, TOKENS)
-        absmax, low, high = next_absmax, next_low, next_high
+        for step in range(first, last):
+            absmax_2, low_2, high_2 = _load_step(
+                words_ptr,
+                absmax_ptr,
+                row_words,
+                row_blocks,
+                chunks,
+                chunk_mask,
+                tl.minimum(step + 2, last - 1),
+                BLOCKSIZE,
+            )
+            acc = _multiply_step(
+                acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
+            )
+            absmax, low, high = absmax_1, low_1, high_1
+            absmax_1, low_1, high_1 = absmax_2, low_2, high_2
     fused_4bit._write_tile(
         _tile(acc, TOKENS),
         rows,
@@ -322,11 +362,15 @@ def matmul(
     split: int | None = None,
     rows_per_program: int | None = None,
     num_warps: int | None = None,
+    ahead: int = 1,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """x (M, K) bfloat16, M at most MAX_TOKENS, times the merged weight
     transposed, into `out` (M, N) bfloat16 if given. `split` fixes the
     number of K ranges per tile (by default: enough to fill the GPU); the
-    last two arguments, for sweeps, replace `launch_config`'s."""
+    other arguments are for sweeps (`benchmarks/gpu_4bit.py --sweep`):
+    rows and warps per program instead of `launch_config`'s, how many steps
+    ahead to load (1 or 2), and a cap on registers per thread."""
     if not supports(weight):
         raise ValueError(
             "the fragment 4-bit kernel needs rows of a multiple of 256 columns "
@@ -348,6 +392,10 @@ def matmul(
     if out.stride(1) != 1:
         raise ValueError(
             "the fragment 4-bit kernel writes an out with unit column stride"
+        )
+    if ahead not in (1, 2):
+        raise ValueError(
+            f"the fragment 4-bit kernel loads 1 or 2 steps ahead, not {ahead}"
         )
     if rows_per_program % (16 * num_warps):
         raise ValueError(
@@ -378,6 +426,8 @@ def matmul(
         BLOCK_N=rows_per_program,
         TOKENS=8 if tokens <= 8 else 16,
         SPLIT=split,
+        AHEAD=ahead,
         num_warps=num_warps,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
