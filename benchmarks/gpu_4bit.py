@@ -259,13 +259,29 @@ def run_experts(x, used, weights):
     return out
 
 
+def routed_fragment_experts(x, merged, experts_of_pairs, pair_tokens, shapes):
+    """The experts' SwiGLU MLP of each (token, expert) pair by
+    `fragment_4bit.routed_matmul`, summed per token (router weights left
+    out, as in `run_experts`)."""
+    pairs = torch.arange(pair_tokens.numel(), device=x.device, dtype=torch.int32)
+    gate, up = fragment_4bit.routed_matmul(
+        x, merged["w13"], experts_of_pairs, pair_tokens, shapes["w13"][1]
+    ).chunk(2, dim=-1)
+    out = fragment_4bit.routed_matmul(
+        F.silu(gate) * up, merged["w2"], experts_of_pairs, pairs, shapes["w2"][1]
+    )
+    return out.view(x.shape[0], -1, out.shape[-1]).sum(dim=1)
+
+
 def measure_moe(batches):
     """The fused-MoE method's GPU path: the experts routed to dequantized by
     the Triton kernel (`compact_routing`), then the experts in bf16, against
     every expert dequantized (bitsandbytes, as today, and Triton, the
     plugin's path before routed decoding) and against bf16 experts. The
     routing is fixed; the expert matmuls are torch calls standing in for
-    vLLM's fused-MoE kernel, which needs vLLM."""
+    vLLM's fused-MoE kernel, which needs vLLM. ``fragment_routed``: the
+    candidate that multiplies each (token, expert) pair in registers
+    (`fragment_4bit.routed_matmul`), never decoding an expert to memory."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     rows = []
@@ -279,6 +295,10 @@ def measure_moe(batches):
         for key, shape in shapes.items():
             bf16[key] = torch.randn(shape, dtype=torch.bfloat16, device="cuda") * 0.02
             fused[key] = quantize_4bit(bf16[key].view(-1, shape[-1]), quant_type="nf4")
+        merged = {
+            key: kernels.merge_shards(packed.view(-1), [state])
+            for key, (packed, state) in fused.items()
+        }
 
         def dequantize_all_bnb(fused=fused, shapes=shapes):
             return {k: dequantize_4bit(*fused[k]).view(shapes[k]) for k in shapes}
@@ -316,6 +336,16 @@ def measure_moe(batches):
             def run_routed(x, routing=(topk_ids, experts), compact=compact):
                 return run_experts(x, compact, dequantize_triton(routing))
 
+            # Each token times its own experts, one product per (token,
+            # expert) pair, as vLLM's fused-MoE kernel computes them.
+            pair_tokens = torch.arange(batch, device="cuda", dtype=torch.int32)
+            run_fragment = functools.partial(
+                routed_fragment_experts,
+                merged=merged,
+                experts_of_pairs=topk_ids.reshape(-1),
+                pair_tokens=pair_tokens.repeat_interleave(top_k),
+                shapes=shapes,
+            )
             row = {
                 "model": name,
                 "batch": batch,
@@ -338,6 +368,7 @@ def measure_moe(batches):
                     repeats=20,
                 ),
                 "plugin_us": graph_us(run_routed, x, repeats=20),
+                "fragment_routed_us": graph_us(run_fragment, x, repeats=20),
                 "bf16_us": graph_us(run_experts, x, used, bf16, repeats=20),
             }
             print(json.dumps(row), flush=True)

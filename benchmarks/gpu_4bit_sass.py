@@ -97,13 +97,22 @@ def compile_fragment(arch, tokens, split):
     for `tokens` tokens (8: one fragment of them, 16: two), and the weights
     per thread of one step of its main loop."""
     rows, num_warps = fragment_4bit.launch_config(tokens)
-    signature = {**SIGNATURE, "x_ptr": "*i32"}
+    names = list(SIGNATURE)
+    routing = {"experts_ptr": "*i32", "routed_tokens_ptr": "*i32"}
+    signature = {
+        **{name: SIGNATURE[name] for name in names[: names.index("M")]},
+        "x_ptr": "*i32",
+        **routing,
+        **{name: SIGNATURE[name] for name in names[names.index("M") :]},
+        "EXPERT_ROWS": "i32",
+    }
     constants = {
         "BLOCKSIZE": 64,
         "BLOCK_N": rows,
         "TOKENS": tokens,
         "SPLIT": split,
         "AHEAD": 1,
+        "ROUTED": False,
     }
     kernel = _compile(
         fragment_4bit.fragment_kernel, signature, constants, arch, num_warps, 1

@@ -226,6 +226,7 @@ if ON_GPU:
     FUSED_SPLITS = [None, 1]
     # Rows per expert when a layer is read as a stack of experts (MoE).
     EXPERT_ROWS = 1024
+    ROUTED_SHAPES = SHAPES
 else:
     # Unequal shards, and a row count the kernel's tile does not divide.
     SHAPES = [([48, 16, 16], 128), ([40, 24], 192), ([24], 64)]
@@ -237,6 +238,8 @@ else:
     # Fewer than a program of the decode kernel covers, so one program
     # gathers rows of several experts.
     EXPERT_ROWS = 8
+    # Three experts of one routed fragment program's rows each.
+    ROUTED_SHAPES = [([128] * 3, 256)]
 FORMATS = [
     ("nf4", True, 64),
     ("nf4", False, 64),
@@ -437,6 +440,52 @@ def test_matmul_takes_the_fragments_up_to_16_tokens(fragment_layers, tokens):
         path = fragment_4bit if tokens <= fragment_4bit.MAX_TOKENS else fused_4bit
         assert torch.equal(out, path.matmul(x, layer.merged))
         assert_matches_float32_reference(out, x, layer.reference)
+
+
+@pytest.fixture(scope="module", params=FORMATS, ids=lambda f: "-".join(map(str, f)))
+def routed_layers(request):
+    return merged_layers(request.param, ROUTED_SHAPES)
+
+
+def test_routed_products_are_each_token_times_its_expert(routed_layers):
+    """Layers read as stacks of experts: product p is token tokens[p]
+    times expert experts[p], against the float32 reference and, with
+    one-hot tokens, exactly; experts repeat and come in any order."""
+    expert_rows = launch_rows = fragment_4bit.launch_config(1)[0]
+    if ON_GPU:
+        expert_rows = EXPERT_ROWS
+    assert expert_rows % launch_rows == 0
+    for layer in routed_layers:
+        if not fragment_4bit.supports(layer.merged):
+            continue
+        columns = layer.reference.shape[1]
+        experts = layer.reference.view(-1, expert_rows, columns)
+        last = experts.shape[0] - 1
+        chosen = torch.tensor([last, 0, last, 1], dtype=torch.int32, device=DEVICE)
+        tokens = torch.tensor([0, 2, 1, 0], dtype=torch.int32, device=DEVICE)
+        x = random_input(3, columns, seed=last)
+        out = fragment_4bit.routed_matmul(x, layer.merged, chosen, tokens, expert_rows)
+        assert out.shape == (4, expert_rows)
+        for p, (expert, token) in enumerate(zip(chosen.tolist(), tokens.tolist())):
+            assert_matches_float32_reference(
+                out[p : p + 1], x[token : token + 1], experts[expert]
+            )
+        x, picked = one_hot_rows(3, columns)
+        out = fragment_4bit.routed_matmul(x, layer.merged, chosen, tokens, expert_rows)
+        assert torch.equal(
+            out, experts[chosen.long()][torch.arange(4), :, picked[tokens.long()]]
+        )
+
+
+def test_routed_products_refuse_experts_of_a_partial_program(routed_layers):
+    ids = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for layer in routed_layers:
+        x = random_input(1, layer.reference.shape[1], seed=0)
+        match = "experts of a multiple of"
+        if not fragment_4bit.supports(layer.merged):
+            match = "multiple of 256 columns"
+        with pytest.raises(ValueError, match=match):
+            fragment_4bit.routed_matmul(x, layer.merged, ids, ids, 64)
 
 
 def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):

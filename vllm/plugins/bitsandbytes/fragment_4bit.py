@@ -226,6 +226,8 @@ def fragment_kernel(
     partial_ptr,
     arrivals_ptr,
     out_ptr,
+    experts_ptr,
+    routed_tokens_ptr,
     M,
     N,
     K_WORDS,
@@ -234,32 +236,43 @@ def fragment_kernel(
     STEPS_PER_SPLIT,
     stride_xm,
     stride_om,
+    EXPERT_ROWS,
     BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TOKENS: tl.constexpr,
     SPLIT: tl.constexpr,
     AHEAD: tl.constexpr,
+    ROUTED: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
     TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
     columns (one per lane of a row) a step, with the loads of the next
     AHEAD (1 or 2) steps in flight. `x_ptr` is x as int32 pairs,
-    `stride_xm` in pairs."""
+    `stride_xm` in pairs.
+
+    ROUTED: the weight is a stack of experts of EXPERT_ROWS rows, and out
+    (1, N) holds N / EXPERT_ROWS products of one token and one expert: the
+    rows of product p are token `routed_tokens[p]` of x times expert
+    `experts[p]`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    first_row = pid_n * BLOCK_N
+    if ROUTED:
+        product = first_row // EXPERT_ROWS
+        expert = tl.load(experts_ptr + product).to(tl.int64)
+        first_row = expert * EXPERT_ROWS + first_row % EXPERT_ROWS
+        x_ptr += tl.load(routed_tokens_ptr + product).to(tl.int64) * stride_xm
     # Element 4 j + t of the step's loads is chunk t (words 8 t to 8 t + 7)
     # of row j, which `_load_lanes` puts in lane 4 (j % 8) + t.
     lanes = tl.arange(0, 4 * BLOCK_N)
-    chunk_rows = pid_n * BLOCK_N + lanes // 4
-    chunk_mask = chunk_rows < N
+    chunk_mask = pid_n * BLOCK_N + lanes // 4 < N
+    chunk_rows = (first_row + lanes // 4).to(tl.int64)
     chunks = lanes % 4
     quad = tl.arange(0, 4)
-    row_words = (
-        chunk_rows.to(tl.int64)[:, None] * K_WORDS + chunks[:, None] * 8 + quad[None, :]
-    )
-    row_blocks = chunk_rows.to(tl.int64) * K_BLOCKS
+    row_words = chunk_rows[:, None] * K_WORDS + chunks[:, None] * 8 + quad[None, :]
+    row_blocks = chunk_rows * K_BLOCKS
     # ... and, in the same lanes, the activations of tokens g (and g + 8)
     # for those columns, as int32 pairs (padding tokens read the last token
     # again; their sums are not stored). Rows j and j + BLOCK_N / 2 share
@@ -355,6 +368,15 @@ def supports(weight: MergedWeight) -> bool:
     return fused_4bit.supports(weight) and weight.state.shape[1] % 256 == 0
 
 
+def _check_supported(weight: MergedWeight) -> None:
+    if not supports(weight):
+        raise ValueError(
+            "the fragment 4-bit kernel needs rows of a multiple of 256 columns "
+            f"in blocks of a multiple of 64, not {tuple(weight.state.shape)} "
+            f"in blocks of {weight.state.blocksize}"
+        )
+
+
 def matmul(
     x: torch.Tensor,
     weight: MergedWeight,
@@ -371,24 +393,20 @@ def matmul(
     other arguments are for sweeps (`benchmarks/gpu_4bit.py --sweep`):
     rows and warps per program instead of `launch_config`'s, how many steps
     ahead to load (1 or 2), and a cap on registers per thread."""
-    if not supports(weight):
-        raise ValueError(
-            "the fragment 4-bit kernel needs rows of a multiple of 256 columns "
-            f"in blocks of a multiple of 64, not {tuple(weight.state.shape)} "
-            f"in blocks of {weight.state.blocksize}"
-        )
+    _check_supported(weight)
     tokens = x.shape[0]
     if x.dtype != torch.bfloat16 or not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(
             f"the fragment 4-bit kernel multiplies 1 to {MAX_TOKENS} tokens of "
             f"bfloat16 activations, not {tuple(x.shape)} {x.dtype}"
         )
-    rows, columns = weight.state.shape
     default_rows, default_warps = launch_config(tokens)
     rows_per_program = rows_per_program or default_rows
     num_warps = num_warps or default_warps
     if out is None:
-        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
+        out = torch.empty(
+            tokens, weight.state.shape[0], dtype=torch.bfloat16, device=x.device
+        )
     if out.stride(1) != 1:
         raise ValueError(
             "the fragment 4-bit kernel writes an out with unit column stride"
@@ -402,7 +420,55 @@ def matmul(
             f"the fragment 4-bit kernel takes 16 rows per warp and fragment, "
             f"not {rows_per_program} rows for {num_warps} warps"
         )
+    _launch(x, weight, out, split, rows_per_program, num_warps, ahead, max_registers)
+    return out
+
+
+def routed_matmul(
+    x: torch.Tensor,
+    weight: MergedWeight,
+    experts: torch.Tensor,
+    tokens: torch.Tensor,
+    expert_rows: int,
+) -> torch.Tensor:
+    """Products of single tokens and single experts, (P, expert_rows)
+    bfloat16: row p is x[tokens[p]] (x (M, K) bfloat16) times expert
+    `experts[p]` of the weight, a stack of experts of `expert_rows` rows,
+    transposed. Each product reads its expert's weights once, so this is
+    for decode steps, which route few tokens."""
+    _check_supported(weight)
+    rows_per_program, num_warps = launch_config(1)
+    if x.dtype != torch.bfloat16 or expert_rows % rows_per_program:
+        raise ValueError(
+            f"the routed fragment 4-bit kernel multiplies bfloat16 activations "
+            f"by experts of a multiple of {rows_per_program} rows, not "
+            f"{x.dtype} by {expert_rows} rows"
+        )
+    out = torch.empty(
+        1, experts.numel() * expert_rows, dtype=torch.bfloat16, device=x.device
+    )
+    routing = (experts.reshape(-1), tokens.reshape(-1), expert_rows)
+    _launch(x, weight, out, None, rows_per_program, num_warps, 1, None, routing)
+    return out.view(-1, expert_rows)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: MergedWeight,
+    out: torch.Tensor,
+    split: int | None,
+    rows_per_program: int,
+    num_warps: int,
+    ahead: int,
+    max_registers: int | None,
+    routing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> None:
+    """`fragment_kernel` over all of `out`: x times the weight, or, with
+    `routing` (experts, tokens, rows per expert), the routed products."""
+    columns = weight.state.shape[1]
+    tokens, rows = out.shape
     x_pairs = x.contiguous().view(torch.int32)
+    experts, routed_tokens, expert_rows = routing or (x_pairs, x_pairs, 1)
     steps = columns // 256
     programs = triton.cdiv(rows, rows_per_program)
     split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
@@ -414,6 +480,8 @@ def matmul(
         partial,
         fused_4bit._arrivals(x.device, programs),
         out,
+        experts,
+        routed_tokens,
         tokens,
         rows,
         columns // 8,
@@ -422,12 +490,13 @@ def matmul(
         steps_per_split,
         x_pairs.stride(0),
         out.stride(0),
+        expert_rows,
         BLOCKSIZE=weight.state.blocksize,
         BLOCK_N=rows_per_program,
         TOKENS=8 if tokens <= 8 else 16,
         SPLIT=split,
         AHEAD=ahead,
+        ROUTED=routing is not None,
         num_warps=num_warps,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )
-    return out
