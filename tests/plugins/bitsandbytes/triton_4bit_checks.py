@@ -427,6 +427,15 @@ def test_fragment_launch_options_keep_the_product(fragment_layers, tokens, split
             assert torch.equal(out, expected), option
 
 
+def test_matmul_of_no_tokens_is_empty(fragment_layers):
+    """A batch of no tokens (which the fragment kernel refuses) is an
+    empty product, not an error."""
+    for layer in fragment_layers:
+        rows, columns = layer.reference.shape
+        x = random_input(1, columns, seed=0)[:0]
+        assert kernels.matmul(x, layer.merged).shape == (0, rows)
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9, 16, 17])
 def test_matmul_takes_the_fragments_up_to_16_tokens(fragment_layers, tokens):
     """The shipped matmul runs `fragment_4bit` up to 16 tokens and the fused

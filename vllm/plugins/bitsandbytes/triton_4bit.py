@@ -281,7 +281,7 @@ def matmul(
 
     tokens = x.shape[0]
     if (
-        tokens <= fragment_4bit.MAX_TOKENS
+        1 <= tokens <= fragment_4bit.MAX_TOKENS
         and x.dtype == torch.bfloat16
         and fragment_4bit.supports(weight)
     ):
