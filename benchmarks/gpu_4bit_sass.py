@@ -97,15 +97,15 @@ def compile_fragment(arch, tokens, split):
     for `tokens` tokens (8: one fragment of them, 16: two), and the weights
     per thread of one step of its main loop."""
     rows, num_warps = fragment_4bit.launch_config(tokens)
-    names = list(SIGNATURE)
-    routing = {"experts_ptr": "*i32", "routed_tokens_ptr": "*i32"}
-    signature = {
-        **{name: SIGNATURE[name] for name in names[: names.index("M")]},
+    kernel = fragment_4bit.fragment_kernel
+    types = {
+        **SIGNATURE,
         "x_ptr": "*i32",
-        **routing,
-        **{name: SIGNATURE[name] for name in names[names.index("M") :]},
+        "experts_ptr": "*i32",
+        "routed_tokens_ptr": "*i32",
         "EXPERT_ROWS": "i32",
     }
+    signature = {name: types[name] for name in kernel.arg_names if name in types}
     constants = {
         "BLOCKSIZE": 64,
         "BLOCK_N": rows,
@@ -114,10 +114,8 @@ def compile_fragment(arch, tokens, split):
         "AHEAD": 1,
         "ROUTED": False,
     }
-    kernel = _compile(
-        fragment_4bit.fragment_kernel, signature, constants, arch, num_warps, 1
-    )
-    return kernel, rows * 256 / (32 * num_warps)
+    compiled = _compile(kernel, signature, constants, arch, num_warps, 1)
+    return compiled, rows * 256 / (32 * num_warps)
 
 
 def main_loop(sass):

@@ -200,20 +200,20 @@ def _load_lanes(pointers, mask=None, other=None):
 
 
 @triton.jit
-def _load_step(
-    words_ptr, absmax_ptr, row_words, row_blocks, chunks, chunk_mask, step, BLOCKSIZE
-):
-    """A step's absmax (R, 4) and words, as two 16-byte halves (R, 4, 4)."""
+def _load_step(rows, step, BLOCKSIZE):
+    """A step's absmax (R, 4) and words, as two 16-byte halves (R, 4, 4), of
+    the program's `rows`: pointers to their first words (4 R, 4) and
+    absmax blocks (4 R), the chunk of each (4 R) and its mask (4 R)."""
+    words, blocks, chunks, chunk_mask = rows
     k = step * 256
     absmax = _load_lanes(
-        absmax_ptr + (row_blocks + (k + 64 * chunks) // BLOCKSIZE)[:, None],
+        (blocks + (k + 64 * chunks) // BLOCKSIZE)[:, None],
         mask=chunk_mask[:, None],
         other=0.0,
     )
     absmax = tl.reshape(absmax, (absmax.shape[0], 4))
-    words = words_ptr + row_words + k // 8
-    low = _load_lanes(words, mask=chunk_mask[:, None], other=0)
-    high = _load_lanes(words + 4, mask=chunk_mask[:, None], other=0)
+    low = _load_lanes(words + k // 8, mask=chunk_mask[:, None], other=0)
+    high = _load_lanes(words + k // 8 + 4, mask=chunk_mask[:, None], other=0)
     return absmax, low, high
 
 
@@ -271,8 +271,12 @@ def fragment_kernel(
     chunk_rows = (first_row + lanes // 4).to(tl.int64)
     chunks = lanes % 4
     quad = tl.arange(0, 4)
-    row_words = chunk_rows[:, None] * K_WORDS + chunks[:, None] * 8 + quad[None, :]
-    row_blocks = chunk_rows * K_BLOCKS
+    tile_rows = (
+        words_ptr + chunk_rows[:, None] * K_WORDS + chunks[:, None] * 8 + quad[None, :],
+        absmax_ptr + chunk_rows * K_BLOCKS,
+        chunks,
+        chunk_mask,
+    )
     # ... and, in the same lanes, the activations of tokens g (and g + 8)
     # for those columns, as int32 pairs (padding tokens read the last token
     # again; their sums are not stored). Rows j and j + BLOCK_N / 2 share
@@ -291,59 +295,23 @@ def fragment_kernel(
     # Each step loads a later step's words and absmax before it decodes its
     # own, so the loads of AHEAD + 1 steps are in flight (the last steps load
     # the last one again).
-    absmax, low, high = _load_step(
-        words_ptr,
-        absmax_ptr,
-        row_words,
-        row_blocks,
-        chunks,
-        chunk_mask,
-        first,
-        BLOCKSIZE,
-    )
+    absmax, low, high = _load_step(tile_rows, first, BLOCKSIZE)
     if AHEAD == 1:
         for step in range(first, last):
-            next_absmax, next_low, next_high = _load_step(
-                words_ptr,
-                absmax_ptr,
-                row_words,
-                row_blocks,
-                chunks,
-                chunk_mask,
-                tl.minimum(step + 1, last - 1),
-                BLOCKSIZE,
-            )
+            next_step = _load_step(tile_rows, tl.minimum(step + 1, last - 1), BLOCKSIZE)
             acc = _multiply_step(
                 acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
             )
-            absmax, low, high = next_absmax, next_low, next_high
+            absmax, low, high = next_step
     else:
-        absmax_1, low_1, high_1 = _load_step(
-            words_ptr,
-            absmax_ptr,
-            row_words,
-            row_blocks,
-            chunks,
-            chunk_mask,
-            tl.minimum(first + 1, last - 1),
-            BLOCKSIZE,
-        )
+        step_1 = _load_step(tile_rows, tl.minimum(first + 1, last - 1), BLOCKSIZE)
         for step in range(first, last):
-            absmax_2, low_2, high_2 = _load_step(
-                words_ptr,
-                absmax_ptr,
-                row_words,
-                row_blocks,
-                chunks,
-                chunk_mask,
-                tl.minimum(step + 2, last - 1),
-                BLOCKSIZE,
-            )
+            step_2 = _load_step(tile_rows, tl.minimum(step + 2, last - 1), BLOCKSIZE)
             acc = _multiply_step(
                 acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
             )
-            absmax, low, high = absmax_1, low_1, high_1
-            absmax_1, low_1, high_1 = absmax_2, low_2, high_2
+            absmax, low, high = step_1
+            step_1 = step_2
     fused_4bit._write_tile(
         _tile(acc, TOKENS),
         rows,
