@@ -482,7 +482,10 @@ def test_routed_products_are_each_token_times_its_expert(routed_layers):
         x, picked = one_hot_rows(3, columns)
         out = fragment_4bit.routed_matmul(x, layer.merged, chosen, tokens, expert_rows)
         assert torch.equal(
-            out, experts[chosen.long()][torch.arange(4), :, picked[tokens.long()]]
+            out,
+            experts[chosen.long()][
+                torch.arange(4, device=DEVICE), :, picked[tokens.long()]
+            ],
         )
 
 
