@@ -29,9 +29,9 @@ dequantized per forward) against decoding all experts and bf16 experts, at
 Mixtral-8x7B and Qwen3-30B-A3B expert shapes; ``--int8`` times
 LLM.int8() against bf16, eagerly (its default threshold cannot be captured)
 and, at threshold 0, in a graph. ``--sweep`` times the fragment kernel's
-launch configurations (`FRAGMENT_SWEEP`) up to 16 tokens against
-`fragment_4bit.launch_config`'s. Writes ``gpu_4bit.json`` and
-``gpu_4bit.png``; nothing is asserted.
+launch configurations (`FRAGMENT_SWEEP`) up to 64 tokens and the fused
+kernel's (`FUSED_SWEEP`) from 32 tokens on, against what `matmul` runs.
+Writes ``gpu_4bit.json`` and ``gpu_4bit.png``; nothing is asserted.
 """
 
 import argparse
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
@@ -387,12 +388,22 @@ FRAGMENT_SWEEP = [
 ]
 
 
+# Most tokens the fragment sweep times: beyond, it decodes each weight
+# more than four times.
+FRAGMENT_SWEEP_TOKENS = 4 * fragment_4bit.TILE_TOKENS
+# The fused kernel's: (weight rows, warps) per program, pipeline stages.
+FUSED_SWEEP = [
+    (shape, stages) for shape in ((64, 4), (128, 4), (128, 8)) for stages in (2, 3, 4)
+]
+
+
 def sweep_fragment(layers, batches):
-    """Per token count up to `fragment_4bit.MAX_TOKENS`, the decoder layer's
+    """Per token count up to FRAGMENT_SWEEP_TOKENS, the decoder layer's
     time with each launch configuration of the fragment kernel, next to
-    `launch_config`'s."""
+    `matmul`'s (`launch_config`'s, or another kernel beyond
+    `fragment_4bit.MAX_TOKENS`)."""
     results = []
-    for batch in (b for b in batches if b <= fragment_4bit.MAX_TOKENS):
+    for batch in (b for b in batches if b <= FRAGMENT_SWEEP_TOKENS):
         totals = collections.Counter()
         for layer in layers.values():
             x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
@@ -415,6 +426,41 @@ def sweep_fragment(layers, batches):
             f"fragment sweep, {batch} tokens: launch_config "
             f"{totals['launch_config']:.1f} µs per decoder layer, best {best_us:.1f} "
             f"({best})",
+            flush=True,
+        )
+        results.append({"batch": batch, "us_per_decoder_layer": dict(totals)})
+    return results
+
+
+def sweep_fused(layers, batches):
+    """Per token count from 2 * TILE_TOKENS on, the decoder layer's time
+    with each launch configuration of the fused kernel (FUSED_SWEEP, tokens
+    per program up to 256), next to `matmul`'s."""
+    results = []
+    for batch in (b for b in batches if b >= 2 * fragment_4bit.TILE_TOKENS):
+        block_ms = {min(triton.next_power_of_2(batch), 128), 256 if batch > 128 else 64}
+        totals = collections.Counter()
+        for layer in layers.values():
+            x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
+            totals["matmul"] += graph_us(layer.plugin, x)
+            for block_m in sorted(block_ms):
+                for (rows, warps), stages in FUSED_SWEEP:
+                    key = f"rows={rows} tokens={block_m} warps={warps} stages={stages}"
+                    totals[key] += graph_us(
+                        functools.partial(
+                            fused_4bit.matmul,
+                            weight=layer.merged,
+                            rows_per_program=rows,
+                            block_m=block_m,
+                            num_warps=warps,
+                            num_stages=stages,
+                        ),
+                        x,
+                    )
+        best, best_us = min(totals.items(), key=lambda item: item[1])
+        print(
+            f"fused sweep, {batch} tokens: matmul {totals['matmul']:.1f} µs per "
+            f"decoder layer, best {best_us:.1f} ({best})",
             flush=True,
         )
         results.append({"batch": batch, "us_per_decoder_layer": dict(totals)})
@@ -503,7 +549,9 @@ def main(argv=None):
     parser.add_argument("--moe", action="store_true", help="fused-MoE expert shapes")
     parser.add_argument("--int8", action="store_true", help="LLM.int8() against bf16")
     parser.add_argument(
-        "--sweep", action="store_true", help="launch configurations of fragment_4bit"
+        "--sweep",
+        action="store_true",
+        help="launch configurations of fragment_4bit and fused_4bit",
     )
     parser.add_argument("--out", type=Path, default=Path("build/benchmarks"))
     parser.add_argument("--batches", type=int, nargs="*", help="instead of the default")
@@ -514,7 +562,6 @@ def main(argv=None):
     batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     layers = {name: Layer(columns, rows) for name, (columns, rows) in LAYERS.items()}
     import bitsandbytes
-    import triton
 
     report = {
         "device": torch.cuda.get_device_name(),
@@ -533,6 +580,7 @@ def main(argv=None):
         report["int8"] = measure_int8(layers, batches)
     if args.sweep:
         report["fragment_sweep"] = sweep_fragment(layers, batches)
+        report["fused_sweep"] = sweep_fused(layers, batches)
     del layers
     torch.cuda.empty_cache()
     if args.moe:

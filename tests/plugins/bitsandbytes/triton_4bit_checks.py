@@ -340,6 +340,21 @@ def test_fused_matmul_multiplies_by_the_exact_weights(layers, split):
         assert torch.equal(out, layer.reference[:, picked].T)
 
 
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+def test_fused_launch_options_keep_the_product(layers, split):
+    """What `gpu_4bit.py --sweep` varies for the fused kernel (weight rows,
+    tokens, warps and stages per program) changes the schedule, and every
+    schedule matches the float32 reference."""
+    for index, layer in enumerate(fused_layers(layers)):
+        x = random_input(40, layer.reference.shape[1], seed=index)
+        for option in (
+            {"rows_per_program": 128, "num_warps": 8},
+            {"block_m": 16, "num_stages": 4},
+        ):
+            out = fused_4bit.matmul(x, layer.merged, split=split, **option)
+            assert_matches_float32_reference(out, x, layer.reference)
+
+
 def test_fused_matmul_edge_inputs(layers):
     """No tokens: an empty product; float16 activations are refused (the
     decoded weights are bfloat16); a strided x is read as its values."""
@@ -379,8 +394,9 @@ def fragment_layers(request):
     return merged_layers(request.param, FRAGMENT_SHAPES)
 
 
-# One fragment of tokens (with padding, odd, whole), two (odd, whole).
-FRAGMENT_TOKENS = [1, 3, 8, 9, fragment_4bit.MAX_TOKENS]
+# One fragment of tokens (with padding, odd, whole), two (odd, whole), and
+# three tiles of two, the last one partial.
+FRAGMENT_TOKENS = [1, 3, 8, 9, 16, 2 * fragment_4bit.TILE_TOKENS + 8]
 
 
 @pytest.mark.parametrize("tokens", FRAGMENT_TOKENS)
@@ -397,12 +413,14 @@ def test_fragment_matches_float32_reference(fragment_layers, tokens, split):
 
 @pytest.mark.parametrize("split", FUSED_SPLITS)
 def test_fragment_multiplies_by_the_exact_weights(fragment_layers, split):
-    """16 one-hot tokens pick 16 columns of weights, exactly, each token
-    its own: every token position of a fragment."""
+    """One-hot tokens pick columns of weights, exactly, each token its own:
+    every token position of a fragment, in two tiles of tokens and part of
+    a third."""
     for layer in fragment_layers:
         if not fragment_4bit.supports(layer.merged):
             continue
-        x, picked = one_hot_rows(fragment_4bit.MAX_TOKENS, layer.reference.shape[1])
+        tokens = 2 * fragment_4bit.TILE_TOKENS + 3
+        x, picked = one_hot_rows(tokens, layer.reference.shape[1])
         out = fragment_4bit.matmul(x, layer.merged, split=split)
         assert torch.equal(out, layer.reference[:, picked].T)
 
@@ -507,7 +525,7 @@ def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
             with pytest.raises(ValueError, match="multiple of 256 columns"):
                 fragment_4bit.matmul(x[:1], layer.merged)
             continue
-        for wrong in (x, x[:0], x[:1].half()):
+        for wrong in (x[:0], x[:1].half()):
             with pytest.raises(ValueError, match="tokens of bfloat16"):
                 fragment_4bit.matmul(wrong, layer.merged)
         with pytest.raises(ValueError, match="16 rows per warp"):

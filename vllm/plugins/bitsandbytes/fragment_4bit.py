@@ -32,7 +32,12 @@ import triton.language as tl
 from vllm.plugins.bitsandbytes import fused_4bit
 from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
 
-# Tokens per call: two fragments (m16n8k16's N is 8).
+# Tokens per program: two fragments (m16n8k16's N is 8). More tokens take
+# more programs, each decoding the weights again.
+TILE_TOKENS = 16
+# Most tokens `triton_4bit.matmul` gives this kernel: beyond, the fused
+# kernel, which decodes each weight once for up to 128 tokens, is faster
+# (docs/benchmarks.md, section 5).
 MAX_TOKENS = 16
 
 MMA_PTX = tl.constexpr(
@@ -244,8 +249,8 @@ def fragment_kernel(
     AHEAD: tl.constexpr,
     ROUTED: tl.constexpr,
 ):
-    """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and up to
-    TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
+    """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and one
+    tile of TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
     columns (one per lane of a row) a step, with the loads of the next
     AHEAD (1 or 2) steps in flight. `x_ptr` is x as int32 pairs,
     `stride_xm` in pairs.
@@ -256,6 +261,8 @@ def fragment_kernel(
     `experts[p]`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    tile_tokens = pid_m * TOKENS + tl.arange(0, TOKENS)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     first_row = pid_n * BLOCK_N
@@ -284,6 +291,7 @@ def fragment_kernel(
     x_lanes = tl.arange(0, 2 * BLOCK_N)
     lane_tokens = (x_lanes // 4) % 8
     pairs = (x_lanes % 4)[:, None] * 32 + quad[None, :]
+    lane_tokens += pid_m * TOKENS
     x_tokens = (
         x_ptr + tl.minimum(lane_tokens, M - 1)[:, None] * stride_xm + pairs,
         x_ptr + tl.minimum(lane_tokens + 8, M - 1)[:, None] * stride_xm + pairs,
@@ -315,9 +323,9 @@ def fragment_kernel(
     fused_4bit._write_tile(
         _tile(acc, TOKENS),
         rows,
-        tl.arange(0, TOKENS),
+        tile_tokens,
         row_mask,
-        tl.arange(0, TOKENS) < M,
+        tile_tokens < M,
         partial_ptr,
         arrivals_ptr,
         out_ptr,
@@ -325,7 +333,7 @@ def fragment_kernel(
         N,
         stride_om,
         pid_k,
-        pid_n,
+        pid_m * tl.num_programs(0) + pid_n,
         SPLIT,
     )
 
@@ -355,17 +363,18 @@ def matmul(
     ahead: int = 1,
     max_registers: int | None = None,
 ) -> torch.Tensor:
-    """x (M, K) bfloat16, M at most MAX_TOKENS, times the merged weight
-    transposed, into `out` (M, N) bfloat16 if given. `split` fixes the
-    number of K ranges per tile (by default: enough to fill the GPU); the
-    other arguments are for sweeps (`benchmarks/gpu_4bit.py --sweep`):
-    rows and warps per program instead of `launch_config`'s, how many steps
-    ahead to load (1 or 2), and a cap on registers per thread."""
+    """x (M, K) bfloat16 times the merged weight transposed, into `out`
+    (M, N) bfloat16 if given, by programs of one tile of TILE_TOKENS tokens
+    each. `split` fixes the number of K ranges per tile (by default: enough
+    to fill the GPU); the other arguments are for sweeps
+    (`benchmarks/gpu_4bit.py --sweep`): rows and warps per program instead
+    of `launch_config`'s, how many steps ahead to load (1 or 2), and a cap
+    on registers per thread."""
     _check_supported(weight)
     tokens = x.shape[0]
-    if x.dtype != torch.bfloat16 or not 1 <= tokens <= MAX_TOKENS:
+    if x.dtype != torch.bfloat16 or tokens < 1:
         raise ValueError(
-            f"the fragment 4-bit kernel multiplies 1 to {MAX_TOKENS} tokens of "
+            f"the fragment 4-bit kernel multiplies one or more tokens of "
             f"bfloat16 activations, not {tuple(x.shape)} {x.dtype}"
         )
     default_rows, default_warps = launch_config(tokens)
@@ -438,15 +447,19 @@ def _launch(
     x_pairs = x.contiguous().view(torch.int32)
     experts, routed_tokens, expert_rows = routing or (x_pairs, x_pairs, 1)
     steps = columns // 256
+    tile_tokens = 8 if tokens <= 8 else TILE_TOKENS
     programs = triton.cdiv(rows, rows_per_program)
-    split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
-    fragment_kernel[(programs, split)](
+    token_tiles = triton.cdiv(tokens, tile_tokens)
+    split, steps_per_split, partial = fused_4bit.split_k(
+        out, programs * token_tiles, steps, split
+    )
+    fragment_kernel[(programs, split, token_tiles)](
         x_pairs,
         weight.packed.view(torch.int32),
         weight.state.absmax,
         weight.table,
         partial,
-        fused_4bit._arrivals(x.device, programs),
+        fused_4bit._arrivals(x.device, programs * token_tiles),
         out,
         experts,
         routed_tokens,
@@ -461,7 +474,7 @@ def _launch(
         expert_rows,
         BLOCKSIZE=weight.state.blocksize,
         BLOCK_N=rows_per_program,
-        TOKENS=8 if tokens <= 8 else 16,
+        TOKENS=tile_tokens,
         SPLIT=split,
         AHEAD=ahead,
         ROUTED=routing is not None,

@@ -390,10 +390,16 @@ def matmul(
     weight: MergedWeight,
     out: torch.Tensor | None = None,
     split: int | None = None,
+    rows_per_program: int = ROWS,
+    block_m: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """x (M, K) bfloat16 times the merged weight transposed, into `out`
-    (M, N) bfloat16 if given. `split` fixes the number
-    of K ranges per tile (by default: enough to fill the GPU)."""
+    (M, N) bfloat16 if given. `split` fixes the number of K ranges per tile
+    (by default: enough to fill the GPU); the other arguments are for
+    sweeps (`benchmarks/gpu_4bit.py --sweep`): weight rows, tokens, warps
+    and pipeline stages per program instead of `launch_config`'s."""
     if not supports(weight):
         raise ValueError(
             f"the fused 4-bit kernel needs blocks of a multiple of 64 "
@@ -413,9 +419,11 @@ def matmul(
     x = x.contiguous()
     if out.stride(1) != 1:
         raise ValueError("the fused 4-bit kernel writes an out with unit column stride")
-    block_m, chunks, stages = launch_config(tokens, columns)
+    default_block_m, chunks, default_stages = launch_config(tokens, columns)
+    block_m = block_m or default_block_m
     steps = columns // (64 * chunks)
-    grid_n, grid_m = triton.cdiv(rows, ROWS), triton.cdiv(tokens, block_m)
+    grid_n = triton.cdiv(rows, rows_per_program)
+    grid_m = triton.cdiv(tokens, block_m)
     split, steps_per_split, partial = split_k(out, grid_n * grid_m, steps, split)
     fused_kernel[(grid_n, grid_m, split)](
         x,
@@ -434,11 +442,11 @@ def matmul(
         x.stride(0),
         out.stride(0),
         BLOCKSIZE=weight.state.blocksize,
-        BLOCK_N=ROWS,
+        BLOCK_N=rows_per_program,
         BLOCK_M=block_m,
         CHUNKS=chunks,
         SPLIT=split,
-        num_warps=4,
-        num_stages=stages,
+        num_warps=num_warps,
+        num_stages=num_stages or default_stages,
     )
     return out
