@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""bitsandbytes 4-bit matmul for 1 to 16 tokens on the tensor cores, with
-the weights loaded straight into `mma.sync` operands.
+"""bitsandbytes 4-bit matmul for decode batches on the tensor cores, with
+the weights loaded straight into `mma.sync` operands, in programs of 8 or
+16 tokens (a wider batch takes more programs, each decoding its weights).
 
 `mma.sync.m16n8k16`'s operand fragments are registers of known lanes: lane
 4g + t holds rows g and g + 8 of the weights and token g of the
