@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                     samples[side][name].append(result[name])
     summary = {}
     lines = [
-        "| case | fork peak RSS MiB | without-0010 peak RSS MiB | fork RSS after "
-        "MiB | without-0010 RSS after MiB | fork load s | without-0010 load s |",
+        (
+            "| case | fork peak RSS MiB | without-0010 peak RSS MiB | fork RSS after "
+            "MiB | without-0010 RSS after MiB | fork load s | without-0010 load s |"
+        ),
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name in names:

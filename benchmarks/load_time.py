@@ -523,8 +523,10 @@ def table(
             "",
         ]
     lines += [
-        f"Memory-copy bandwidth of this machine: {copy_gbs:.2f} GB/s "
-        "(median torch copy of a 1 GiB tensor).",
+        (
+            f"Memory-copy bandwidth of this machine: {copy_gbs:.2f} GB/s "
+            "(median torch copy of a 1 GiB tensor)."
+        ),
         "",
     ]
     reg = summary["registration"]

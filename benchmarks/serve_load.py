@@ -545,12 +545,14 @@ def table(rows: list[dict[str, Any]], descriptions: dict[str, str] | None) -> st
         lines.append(markdown_row(cells))
     lines += [
         "",
-        f"{MAX_TOKENS} output tokens per request; N concurrent clients; "
-        "req/s and tok/s: median over the rounds, latencies over all requests; "
-        "failed/lost = requests that failed / never ended; "
-        f"= offline: completions at N={OFFLINE_LEVEL} with the token ids of the "
-        "side's own offline `LLM.generate`, one sequence at a time; "
-        f"target fork/{REFERENCE} >= {TARGET_RATIO}.",
+        (
+            f"{MAX_TOKENS} output tokens per request; N concurrent clients; "
+            "req/s and tok/s: median over the rounds, latencies over all requests; "
+            "failed/lost = requests that failed / never ended; "
+            f"= offline: completions at N={OFFLINE_LEVEL} with the token ids of the "
+            "side's own offline `LLM.generate`, one sequence at a time; "
+            f"target fork/{REFERENCE} >= {TARGET_RATIO}."
+        ),
     ]
     differing = [
         f"{row['case']} {side}"
@@ -561,8 +563,10 @@ def table(rows: list[dict[str, Any]], descriptions: dict[str, str] | None) -> st
     if differing:
         lines += [
             "",
-            f"WARNING: at N={OFFLINE_LEVEL} completions differ from offline "
-            f"generation: {', '.join(differing)}.",
+            (
+                f"WARNING: at N={OFFLINE_LEVEL} completions differ from offline "
+                f"generation: {', '.join(differing)}."
+            ),
         ]
     if descriptions:
         lines += [
