@@ -36,9 +36,10 @@ from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
 # Tokens per program: two fragments (m16n8k16's N is 8). More tokens take
 # more programs, each decoding the weights again.
 TILE_TOKENS = 16
-# Most tokens `triton_4bit.matmul` gives this kernel: beyond, the fused
-# kernel, which decodes each weight once for up to 128 tokens, is faster
-# (docs/benchmarks.md, section 5).
+# Most tokens `triton_4bit.matmul` gives this kernel, as measured against
+# one tile: beyond, the fused kernel decodes each weight once for up to 128
+# tokens (`gpu_4bit.py --sweep` times more tiles against it;
+# docs/benchmarks.md, section 5).
 MAX_TOKENS = 16
 
 MMA_PTX = tl.constexpr(
