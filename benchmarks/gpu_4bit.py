@@ -397,73 +397,64 @@ FUSED_SWEEP = [
 ]
 
 
+def sweep(kernel, layers, batch, configurations):
+    """The decoder layer's time at `batch` tokens with `kernel` under each
+    of `configurations` (label: keyword arguments), next to `matmul`'s;
+    printed with the fastest."""
+    totals = collections.Counter()
+    for layer in layers.values():
+        x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
+        totals["matmul"] += graph_us(layer.plugin, x)
+        for label, options in configurations.items():
+            totals[label] += graph_us(
+                functools.partial(kernel, weight=layer.merged, **options), x
+            )
+    best, best_us = min(totals.items(), key=lambda item: item[1])
+    print(
+        f"{kernel.__module__.rpartition('.')[2]} sweep, {batch} tokens: matmul "
+        f"{totals['matmul']:.1f} µs per decoder layer, best {best_us:.1f} ({best})",
+        flush=True,
+    )
+    return {"batch": batch, "us_per_decoder_layer": dict(totals)}
+
+
 def sweep_fragment(layers, batches):
-    """Per token count up to FRAGMENT_SWEEP_TOKENS, the decoder layer's
-    time with each launch configuration of the fragment kernel, next to
-    `matmul`'s (`launch_config`'s, or another kernel beyond
-    `fragment_4bit.MAX_TOKENS`)."""
-    results = []
-    for batch in (b for b in batches if b <= FRAGMENT_SWEEP_TOKENS):
-        totals = collections.Counter()
-        for layer in layers.values():
-            x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
-            totals["launch_config"] += graph_us(layer.plugin, x)
-            for (rows, warps), ahead, registers in FRAGMENT_SWEEP:
-                key = f"rows={rows} warps={warps} ahead={ahead} registers={registers}"
-                totals[key] += graph_us(
-                    functools.partial(
-                        fragment_4bit.matmul,
-                        weight=layer.merged,
-                        rows_per_program=rows,
-                        num_warps=warps,
-                        ahead=ahead,
-                        max_registers=registers,
-                    ),
-                    x,
-                )
-        best, best_us = min(totals.items(), key=lambda item: item[1])
-        print(
-            f"fragment sweep, {batch} tokens: launch_config "
-            f"{totals['launch_config']:.1f} µs per decoder layer, best {best_us:.1f} "
-            f"({best})",
-            flush=True,
-        )
-        results.append({"batch": batch, "us_per_decoder_layer": dict(totals)})
-    return results
+    """Per token count up to FRAGMENT_SWEEP_TOKENS, each launch
+    configuration of the fragment kernel (`FRAGMENT_SWEEP`)."""
+    configurations = {
+        f"rows={rows} warps={warps} ahead={ahead} registers={registers}": {
+            "rows_per_program": rows,
+            "num_warps": warps,
+            "ahead": ahead,
+            "max_registers": registers,
+        }
+        for (rows, warps), ahead, registers in FRAGMENT_SWEEP
+    }
+    return [
+        sweep(fragment_4bit.matmul, layers, batch, configurations)
+        for batch in batches
+        if batch <= FRAGMENT_SWEEP_TOKENS
+    ]
 
 
 def sweep_fused(layers, batches):
-    """Per token count from 2 * TILE_TOKENS on, the decoder layer's time
-    with each launch configuration of the fused kernel (FUSED_SWEEP, tokens
-    per program up to 256), next to `matmul`'s."""
+    """Per token count from 2 * TILE_TOKENS on, each launch configuration
+    of the fused kernel (`FUSED_SWEEP`), with `launch_config`'s tokens per
+    program and, beyond 128 tokens, all of them in one program."""
     results = []
     for batch in (b for b in batches if b >= 2 * fragment_4bit.TILE_TOKENS):
-        block_ms = {min(triton.next_power_of_2(batch), 128), 256 if batch > 128 else 64}
-        totals = collections.Counter()
-        for layer in layers.values():
-            x = torch.randn(batch, layer.columns, dtype=torch.bfloat16, device="cuda")
-            totals["matmul"] += graph_us(layer.plugin, x)
-            for block_m in sorted(block_ms):
-                for (rows, warps), stages in FUSED_SWEEP:
-                    key = f"rows={rows} tokens={block_m} warps={warps} stages={stages}"
-                    totals[key] += graph_us(
-                        functools.partial(
-                            fused_4bit.matmul,
-                            weight=layer.merged,
-                            rows_per_program=rows,
-                            block_m=block_m,
-                            num_warps=warps,
-                            num_stages=stages,
-                        ),
-                        x,
-                    )
-        best, best_us = min(totals.items(), key=lambda item: item[1])
-        print(
-            f"fused sweep, {batch} tokens: matmul {totals['matmul']:.1f} µs per "
-            f"decoder layer, best {best_us:.1f} ({best})",
-            flush=True,
-        )
-        results.append({"batch": batch, "us_per_decoder_layer": dict(totals)})
+        tokens = triton.next_power_of_2(batch)
+        configurations = {
+            f"rows={rows} tokens={block_m} warps={warps} stages={stages}": {
+                "rows_per_program": rows,
+                "block_m": block_m,
+                "num_warps": warps,
+                "num_stages": stages,
+            }
+            for block_m in sorted({min(tokens, 128), min(tokens, 256)})
+            for (rows, warps), stages in FUSED_SWEEP
+        }
+        results.append(sweep(fused_4bit.matmul, layers, batch, configurations))
     return results
 
 
