@@ -35,8 +35,7 @@ PATCH_NUMBER = re.compile(r"\b(?:[Pp]atch(?:es)?|patches/)\s?(\d{4})\b")
 IDENTIFIER = re.compile(r"`([A-Za-z_][\w.]*)(?:\([^`]*\))?`")
 # Documentation still to be corrected by its owner; strict, so that the mark
 # goes once the document is fixed.
-PENDING = {
-}
+PENDING = {}
 # Upstream's files named by their package path that the installed CPU fork
 # lacks: the CUDA wheel's own directory.
 CUDA_ONLY = {"vllm/third_party/"}

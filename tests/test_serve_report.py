@@ -157,8 +157,10 @@ def test_ratio_is_fork_over_the_reference_throughput_per_level():
 def test_failed_requests_fail_the_run_only_at_the_highest_concurrency():
     runs = [{"case": "c", "sides": {"fork": served(1.0, 1), REFERENCE: served(1.0)}}]
     assert failures(runs, summarize(runs)) == [
-        f"c fork N={GATE_LEVEL}: 1 failed (APIConnectionError: Connection "
-        "error.), 0 lost"
+        (
+            f"c fork N={GATE_LEVEL}: 1 failed (APIConnectionError: Connection "
+            "error.), 0 lost"
+        )
     ]
     ok = served(1.0)
     ok["levels"][0]["samples"][0] = {"prompt": 0, "error": "E: at N=1"}
@@ -228,13 +230,19 @@ def test_the_root_cause_skips_the_other_plugins_import_error():
         [
             "Failed to load plugin bitsandbytes",
             "ModuleNotFoundError: No module named 'vllm.plugins.bitsandbytes'",
-            "(APIServer pid=1) WARNING 12-01 14:02:01 [system_utils.py:255] Found "
-            "ulimit of 20000 ... like `OSError: [Errno 24] Too many open files`.",
-            "(EngineCore pid=2) ERROR 12-01 14:02:11 [__init__.py:72] "
-            "ModuleNotFoundError: No module named 'vllm.plugins.bitsandbytes'",
-            "(Worker_TP0 pid=3) ERROR 12-01 14:02:21 [multiproc_executor.py:953] "
-            "ValueError: Prequant BitsAndBytes models with tensor parallelism is "
-            "not supported. Please try with pipeline parallelism.",
+            (
+                "(APIServer pid=1) WARNING 12-01 14:02:01 [system_utils.py:255] Found "
+                "ulimit of 20000 ... like `OSError: [Errno 24] Too many open files`."
+            ),
+            (
+                "(EngineCore pid=2) ERROR 12-01 14:02:11 [__init__.py:72] "
+                "ModuleNotFoundError: No module named 'vllm.plugins.bitsandbytes'"
+            ),
+            (
+                "(Worker_TP0 pid=3) ERROR 12-01 14:02:21 [multiproc_executor.py:953] "
+                "ValueError: Prequant BitsAndBytes models with tensor parallelism is "
+                "not supported. Please try with pipeline parallelism."
+            ),
             "RuntimeError: Engine core initialization failed. See root cause above.",
         ]
     )
@@ -248,15 +256,21 @@ def test_the_root_cause_skips_the_other_plugins_import_error():
 def test_active_loaders_are_read_from_every_process_once():
     log = "\n".join(
         [
-            "(EngineCore pid=2) INFO 12-01 13:42:28 [__init__.py:113] Registered "
-            "model loader `<class 'vllm_bnb_plugin.bitsandbytes_loader."
-            "BitsAndBytesModelLoader'>` with load format `bitsandbytes`",
-            "(Worker pid=3) INFO 12-01 13:42:29 [__init__.py:159] Registered "
-            "model loader `vllm.plugins.bitsandbytes.loader.BitsAndBytesModelLoader`"
-            " with load format `bitsandbytes`",
-            "(Worker pid=4) INFO 12-01 13:42:29 [__init__.py:113] Registered "
-            "model loader `<class 'vllm_bnb_plugin.bitsandbytes_loader."
-            "BitsAndBytesModelLoader'>` with load format `bitsandbytes`",
+            (
+                "(EngineCore pid=2) INFO 12-01 13:42:28 [__init__.py:113] Registered "
+                "model loader `<class 'vllm_bnb_plugin.bitsandbytes_loader."
+                "BitsAndBytesModelLoader'>` with load format `bitsandbytes`"
+            ),
+            (
+                "(Worker pid=3) INFO 12-01 13:42:29 [__init__.py:159] Registered "
+                "model loader `vllm.plugins.bitsandbytes.loader.BitsAndBytesModelLoader`"
+                " with load format `bitsandbytes`"
+            ),
+            (
+                "(Worker pid=4) INFO 12-01 13:42:29 [__init__.py:113] Registered "
+                "model loader `<class 'vllm_bnb_plugin.bitsandbytes_loader."
+                "BitsAndBytesModelLoader'>` with load format `bitsandbytes`"
+            ),
         ]
     )
     assert active_loaders(log) == [

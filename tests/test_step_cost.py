@@ -205,8 +205,10 @@ def test_fork_plugin_makes_no_more_python_calls(
 def table(probes: dict[tuple[str, str], dict[str, Any]]) -> str:
     """The counts as the Markdown table of docs/benchmarks.md."""
     rows = [
-        "| case | side | aten ops | bnb kernel ops | ops per decode forward "
-        "| Python calls in plugin package | in vllm + plugin | all Python calls |",
+        (
+            "| case | side | aten ops | bnb kernel ops | ops per decode forward "
+            "| Python calls in plugin package | in vllm + plugin | all Python calls |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case_id in CASES:

@@ -36,10 +36,14 @@ def test_only_new_violations_of_patched_files_count(tmp_path: Path):
     )
     assert problems == [
         "pkg/new.py:1: F401 `json` imported but unused",
-        "pkg/worse.py:1: F401 `os` imported but unused (2 F401 in the file, 1 "
-        "upstream)",
-        "pkg/worse.py:2: F401 `sys` imported but unused (2 F401 in the file, 1 "
-        "upstream)",
+        (
+            "pkg/worse.py:1: F401 `os` imported but unused (2 F401 in the file, 1 "
+            "upstream)"
+        ),
+        (
+            "pkg/worse.py:2: F401 `sys` imported but unused (2 F401 in the file, 1 "
+            "upstream)"
+        ),
         "pkg/ugly.py: not formatted as `ruff format` would",
     ]
 

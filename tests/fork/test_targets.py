@@ -143,7 +143,8 @@ def test_a_resolution_that_no_longer_applies_stops_the_replay(tmp_path: Path):
     old, _ = releases(tmp_path)
     patches = make_series(tmp_path, old, {"Hook the loader": CONFLICTING})
     (name,) = (p.name for p in series(patches))
-    stale = "diff --git a/vllm/loader.py b/vllm/loader.py\n" + (
+    stale = (
+        "diff --git a/vllm/loader.py b/vllm/loader.py\n"
         "--- a/vllm/loader.py\n+++ b/vllm/loader.py\n@@ -1 +1 @@\n"
         "-def nothing_like_this():\n+def load(path):\n"
     )
@@ -165,8 +166,10 @@ def test_stray_resolutions_are_named(tmp_path: Path):
 
     assert problems == [
         f"{tmp_path / '1.0.0'} is not a [target] of tools/fork.toml",
-        f"{tmp_path / '9.9.9/0002-Gone.diff'} resolves no patch of patches/series "
-        "(renamed or dropped?)",
+        (
+            f"{tmp_path / '9.9.9/0002-Gone.diff'} resolves no patch of patches/series "
+            "(renamed or dropped?)"
+        ),
     ]
 
 

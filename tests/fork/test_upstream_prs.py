@@ -124,13 +124,17 @@ def test_pr_texts_give_the_sections_and_commit_messages(tmp_path: Path):
         ("## Purpose\n\nP.\n## Test Plan\n\n## Test Result\n\nR.\n", "must hold"),
         ("## Purpose\n\nP.\n## Test Plan\n\nT.\n", "no message for the commit"),
         (
-            "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
-            "### [Test] Add\n\nA.\n### [Test] Gone\n\nG.\n",
+            (
+                "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
+                "### [Test] Add\n\nA.\n### [Test] Gone\n\nG.\n"
+            ),
             "has the subject of \\['\\[Test\\] Gone'\\]",
         ),
         (
-            "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
-            "### [Test] Add\n\nA.\n### [Test] Add\n\nA.\n",
+            (
+                "## Purpose\n\nP.\n## Test Plan\n\nT.\n## Commit messages\n\n"
+                "### [Test] Add\n\nA.\n### [Test] Add\n\nA.\n"
+            ),
             "one non-empty `### <subject>` section per commit",
         ),
     ],

@@ -243,24 +243,32 @@ def target_instructions(result: targets.TargetReplay, tree: Path, version: str) 
         count = len(targets.read_resolutions(targets.TARGETS / version))
         return "\n".join(
             [
-                f"all patches are on vLLM {version} (CUDA only) in {tree}; "
-                f"{count} need a resolution, kept in {where}.",
+                (
+                    f"all patches are on vLLM {version} (CUDA only) in {tree}; "
+                    f"{count} need a resolution, kept in {where}."
+                ),
                 engine,
-                "    tools/fork.py check-upstream --upstream-version "
-                f"{version}   # the upstream series on {version}",
+                (
+                    "    tools/fork.py check-upstream --upstream-version "
+                    f"{version}   # the upstream series on {version}"
+                ),
                 f"    git add tools/fork.toml {where}   # and commit",
             ]
         )
     return "\n".join(
         [
-            f"{len(result.replayed)} patches are on vLLM {version}; "
-            f"{result.stopped_at} stopped: {result.reason}, in "
-            f"{', '.join(result.conflicts)}.",
-            f"Resolve it in {tree} (`git diff base-old base -- <file>` shows what "
-            "upstream changed; the conflict is labelled ours, the target, and "
-            "theirs, the patch), `git add` each file, and run the same command "
-            "again: it commits the patch, replays the rest and writes "
-            f"{where}.",
+            (
+                f"{len(result.replayed)} patches are on vLLM {version}; "
+                f"{result.stopped_at} stopped: {result.reason}, in "
+                f"{', '.join(result.conflicts)}."
+            ),
+            (
+                f"Resolve it in {tree} (`git diff base-old base -- <file>` shows what "
+                "upstream changed; the conflict is labelled ours, the target, and "
+                "theirs, the patch), `git add` each file, and run the same command "
+                "again: it commits the patch, replays the rest and writes "
+                f"{where}."
+            ),
             f"To start over: `tools/fork.py materialize --upstream-version {version}`.",
             engine,
         ]
@@ -273,8 +281,10 @@ def instructions(result: Replay, tree: Path, version: str) -> str:
         "tools/fork.py export           # patches/ against the new base",
         "tools/fork.py check",
         "tools/fork.py build && tools/fork.py install",
-        "tools/fork.py materialize --flavor cuda && tools/fork.py build --flavor cuda"
-        " && tools/fork.py check-wheel --flavor cuda",
+        (
+            "tools/fork.py materialize --flavor cuda && tools/fork.py build --flavor cuda"
+            " && tools/fork.py check-wheel --flavor cuda"
+        ),
         "git diff tools/fork.toml patches/   # review, then run the tests",
     ]
     if result.stopped_at is None:
@@ -287,15 +297,21 @@ def instructions(result: Replay, tree: Path, version: str) -> str:
         steps = finish
     else:
         lines = [
-            f"{len(result.replayed)} patches are on {version}; git stopped at "
-            f"{result.stopped_at!r} with conflicts in: {', '.join(result.conflicts)}.",
-            f"Resolve them in {tree} (`git diff base-old base -- <file>` shows "
-            "what upstream changed):",
+            (
+                f"{len(result.replayed)} patches are on {version}; git stopped at "
+                f"{result.stopped_at!r} with conflicts in: {', '.join(result.conflicts)}."
+            ),
+            (
+                f"Resolve them in {tree} (`git diff base-old base -- <file>` shows "
+                "what upstream changed):"
+            ),
         ]
         steps = [
             f"(cd {tree} && $EDITOR <file> && git add <file>)   # each conflict",
-            f"(cd {tree} && git rebase --continue)   # until it finishes;"
-            " `--skip` drops the patch",
+            (
+                f"(cd {tree} && git rebase --continue)   # until it finishes;"
+                " `--skip` drops the patch"
+            ),
             *finish,
         ]
     lines += [f"    {step}" for step in steps]

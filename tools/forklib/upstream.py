@@ -635,13 +635,17 @@ def check_upstream(
                 imported += len(modules)
             compiled = _compile_series(repo, f"{start}..HEAD")
             series.results += [
-                f"Environment: {environment}; measured by `tools/fork.py "
-                f"check-upstream` on {time.strftime('%Y-%m-%d')}.",
-                f"`git am` onto vLLM {made_for.version} after the previous series: "
-                f"{len(series.patches)} of {len(series.patches)} commits apply; "
-                f"after each, `import vllm` and the modules it touches import "
-                f"({imported} imports in all); the {compiled} Python files the "
-                "series touches compile.",
+                (
+                    f"Environment: {environment}; measured by `tools/fork.py "
+                    f"check-upstream` on {time.strftime('%Y-%m-%d')}."
+                ),
+                (
+                    f"`git am` onto vLLM {made_for.version} after the previous series: "
+                    f"{len(series.patches)} of {len(series.patches)} commits apply; "
+                    f"after each, `import vllm` and the modules it touches import "
+                    f"({imported} imports in all); the {compiled} Python files the "
+                    "series touches compile."
+                ),
             ]
             if series.pr.tests:
                 if target is None:
