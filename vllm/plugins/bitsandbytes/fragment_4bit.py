@@ -346,6 +346,12 @@ def supports(weight: MergedWeight) -> bool:
     return fused_4bit.supports(weight) and weight.state.shape[1] % 256 == 0
 
 
+def supports_routed(weight: MergedWeight, expert_rows: int) -> bool:
+    """Whether `routed_matmul` takes this stack of experts of `expert_rows`
+    rows: whole programs of rows per expert."""
+    return supports(weight) and expert_rows % launch_config(1)[0] == 0
+
+
 def _check_supported(weight: MergedWeight) -> None:
     if not supports(weight):
         raise ValueError(
@@ -417,7 +423,7 @@ def routed_matmul(
     for decode steps, which route few tokens."""
     _check_supported(weight)
     rows_per_program, num_warps = launch_config(1)
-    if x.dtype != torch.bfloat16 or expert_rows % rows_per_program:
+    if x.dtype != torch.bfloat16 or not supports_routed(weight, expert_rows):
         raise ValueError(
             f"the routed fragment 4-bit kernel multiplies bfloat16 activations "
             f"by experts of a multiple of {rows_per_program} rows, not "

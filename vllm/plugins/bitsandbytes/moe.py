@@ -9,9 +9,11 @@ quantization states into one state per tensor, in whole blocks per expert.
 
 A forward pass dequantizes only the experts its tokens are routed to (a
 token picks `top_k` of them, so a decode step of a few tokens needs a few
-experts, not all) and runs the unquantized fused-MoE kernel on them. On CPU,
-where that kernel and its router are CUDA-only, the torch routine of
-`cpu_moe` runs instead.
+experts, not all) and runs the unquantized fused-MoE kernel on them. A
+decode step of at most MAX_PAIR_PRODUCTS (token, expert) pairs skips the
+decode: each pair is multiplied by its expert's 4-bit weights in registers
+(`fragment_4bit.routed_matmul`). On CPU, where the fused-MoE kernel and its
+router are CUDA-only, the torch routine of `cpu_moe` runs instead.
 """
 
 from collections.abc import Callable
@@ -22,6 +24,10 @@ from torch import Tensor, nn
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers import fused_moe
+from vllm.model_executor.layers.fused_moe.activation import (
+    MoEActivation,
+    apply_moe_activation,
+)
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 from vllm.plugins.bitsandbytes.config import BitsAndBytesConfig, require_bitsandbytes
@@ -29,6 +35,12 @@ from vllm.plugins.bitsandbytes.linear import packed_4bit_size
 from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
 
 logger = init_logger(__name__)
+
+# Most (token, expert) pairs a forward multiplies pair by pair in registers,
+# each reading its expert's 4-bit weights once, instead of decoding the
+# routed experts for the fused-MoE kernel: the faster way up to here at
+# Mixtral-8x7B and Qwen3-30B-A3B shapes (docs/benchmarks.md, section 5).
+MAX_PAIR_PRODUCTS = 32
 
 
 class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
@@ -95,6 +107,8 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
         shared_experts: fused_moe.SharedExperts | None,
         shared_experts_input: Tensor | None,
     ) -> Tensor:
+        if _multiplies_pairs(layer, x, topk_ids):
+            return _pair_products(layer, x, topk_weights, topk_ids)
         w13, w2, topk_ids, num_experts = _experts_for(layer, topk_ids)
         return fused_moe.fused_experts(
             x,
@@ -138,6 +152,55 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
                 weight.bnb_merged = triton_4bit.merge_shards(
                     weight.data.reshape(-1), [state]
                 )
+
+
+def _multiplies_pairs(layer: nn.Module, x: Tensor, topk_ids: Tensor) -> bool:
+    """Whether `_pair_products` computes this forward: few pairs, bfloat16
+    experts prepared for the Triton kernels, in shapes the fragment kernel
+    takes, all experts local, SiLU, router weights on the outputs."""
+    if not (
+        0 < topk_ids.numel() <= MAX_PAIR_PRODUCTS
+        and x.dtype == torch.bfloat16
+        and layer.expert_map is None
+        and not layer.apply_router_weight_on_input
+        and layer.activation == MoEActivation.SILU
+    ):
+        return False
+    from vllm.plugins.bitsandbytes import fragment_4bit
+
+    return all(
+        weight.bnb_merged is not None
+        and fragment_4bit.supports_routed(weight.bnb_merged, weight.experts_shape[1])
+        for weight in (layer.w13_weight, layer.w2_weight)
+    )
+
+
+def _pair_products(
+    layer: nn.Module, x: Tensor, topk_weights: Tensor, topk_ids: Tensor
+) -> Tensor:
+    """Each token's routed experts' outputs, weighted by the router and
+    summed, one (token, expert) product at a time (this rank's partial sum
+    under tensor parallelism, as `fused_experts` returns)."""
+    from vllm.plugins.bitsandbytes import fragment_4bit
+
+    tokens, top_k = topk_ids.shape
+    experts = topk_ids.reshape(-1)
+    pairs = torch.arange(experts.numel(), device=x.device, dtype=torch.int32)
+    gate_up_rows = layer.w13_weight.experts_shape[1]
+    gate_up = fragment_4bit.routed_matmul(
+        x, layer.w13_weight.bnb_merged, experts, pairs // top_k, gate_up_rows
+    )
+    hidden = gate_up.new_empty(gate_up.shape[0], gate_up_rows // 2)
+    apply_moe_activation(layer.activation, hidden, gate_up)
+    down = fragment_4bit.routed_matmul(
+        hidden,
+        layer.w2_weight.bnb_merged,
+        experts,
+        pairs,
+        layer.w2_weight.experts_shape[1],
+    )
+    weighted = down.view(tokens, top_k, -1).float() * topk_weights[..., None]
+    return weighted.sum(dim=1).to(x.dtype)
 
 
 def _experts_for(
