@@ -19,7 +19,7 @@ from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.plugins.bitsandbytes import triton_4bit
 from vllm.plugins.bitsandbytes.moe import (
-    MAX_PAIR_PRODUCTS,
+    PAIRS_PER_EXPERT,
     _experts_for,
     _multiplies_pairs,
     _pair_products,
@@ -104,7 +104,7 @@ def test_otherwise_every_expert_is_decoded(layer_options, tokens):
 PAIR_HIDDEN, PAIR_INTERMEDIATE = 256, 256
 
 
-@pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 4)])
+@pytest.mark.parametrize("tokens, top_k", [(1, 2), (3, 4), (12, 4)])
 def test_decode_steps_multiply_each_pair(tokens, top_k):
     """A decode step's output, pair by pair in registers, is the float32
     MoE of bitsandbytes' weights: the routed experts' SwiGLU MLPs weighted
@@ -147,7 +147,8 @@ def test_other_forwards_decode_experts(change):
         hidden=PAIR_HIDDEN,
         intermediate=PAIR_INTERMEDIATE,
     )
-    tokens = MAX_PAIR_PRODUCTS // 2 + (change == "too-many-pairs")
+    # Two experts per token: one pair past the limit, or one token short.
+    tokens = PAIRS_PER_EXPERT * NUM_EXPERTS // 2 + (change == "too-many-pairs")
     topk_ids = routing(tokens, 2, seed=1)
     x = torch.zeros(tokens, PAIR_HIDDEN, dtype=torch.bfloat16, device=DEVICE)
     if change == "expert-map":

@@ -709,3 +709,41 @@ if ON_GPU:
             decoded, ids = decode_routed(static_ids)
             assert torch.equal(static_decoded, decoded)
             assert torch.equal(static_compact, ids)
+
+    def test_routed_products_cuda_graph_replay(routed_layers):
+        """The pair-by-pair expert products, captured once and replayed on
+        new tokens and routings: the results of eager calls (split K
+        included, as on the fragment kernel)."""
+        layer = next(
+            (lay for lay in routed_layers if fragment_4bit.supports(lay.merged)), None
+        )
+        if layer is None:
+            return
+        columns = layer.reference.shape[1]
+        num_experts = layer.reference.shape[0] // EXPERT_ROWS
+        pairs = 2 * 8
+
+        def routing(seed):
+            generator = torch.Generator().manual_seed(seed)
+            experts = torch.randint(num_experts, (pairs,), generator=generator)
+            return experts.to(DEVICE, torch.int32)
+
+        tokens = torch.arange(pairs, device=DEVICE, dtype=torch.int32) // 2
+        static_x = random_input(pairs // 2, columns, seed=1)
+        static_experts = routing(1)
+
+        def products():
+            return fragment_4bit.routed_matmul(
+                static_x, layer.merged, static_experts, tokens, EXPERT_ROWS
+            )
+
+        products()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = products()
+        for seed in (2, 3):
+            static_x.copy_(random_input(pairs // 2, columns, seed=seed))
+            static_experts.copy_(routing(seed))
+            graph.replay()
+            assert torch.equal(static_out, products())

@@ -10,9 +10,9 @@ quantization states into one state per tensor, in whole blocks per expert.
 A forward pass dequantizes only the experts its tokens are routed to (a
 token picks `top_k` of them, so a decode step of a few tokens needs a few
 experts, not all) and runs the unquantized fused-MoE kernel on them. A
-decode step of at most MAX_PAIR_PRODUCTS (token, expert) pairs skips the
-decode: each pair is multiplied by its expert's 4-bit weights in registers
-(`fragment_4bit.routed_matmul`). On CPU, where the fused-MoE kernel and its
+forward of at most PAIRS_PER_EXPERT (token, expert) pairs per expert skips
+the decode: each pair is multiplied by its expert's 4-bit weights in
+registers (`fragment_4bit.routed_matmul`). On CPU, where the fused-MoE kernel and its
 router are CUDA-only, the torch routine of `cpu_moe` runs instead.
 """
 
@@ -36,11 +36,13 @@ from vllm.plugins.bitsandbytes.shard_indexer import ProportionalShardIndexer
 
 logger = init_logger(__name__)
 
-# Most (token, expert) pairs a forward multiplies pair by pair in registers,
-# each reading its expert's 4-bit weights once, instead of decoding the
-# routed experts for the fused-MoE kernel: the faster way up to here at
-# Mixtral-8x7B and Qwen3-30B-A3B shapes (docs/benchmarks.md, section 5).
-MAX_PAIR_PRODUCTS = 32
+# Most (token, expert) pairs per expert of the layer that a forward
+# multiplies pair by pair in registers, each pair reading its expert's 4-bit
+# weights, instead of decoding the routed experts for the fused-MoE kernel.
+# Measured on an H100 (docs/benchmarks.md, section 5): at 4 pairs per expert
+# 0.54x the decode's time at Mixtral-8x7B shapes (32 pairs, 8 experts) and
+# 0.20x at Qwen3-30B-A3B (512 pairs, 128 experts); at 8 per expert 1.04x.
+PAIRS_PER_EXPERT = 4
 
 
 class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
@@ -155,11 +157,12 @@ class BitsAndBytesMoEMethod(fused_moe.FusedMoEMethodBase):
 
 
 def _multiplies_pairs(layer: nn.Module, x: Tensor, topk_ids: Tensor) -> bool:
-    """Whether `_pair_products` computes this forward: few pairs, bfloat16
-    experts prepared for the Triton kernels, in shapes the fragment kernel
-    takes, all experts local, SiLU, router weights on the outputs."""
+    """Whether `_pair_products` computes this forward: few pairs per expert,
+    bfloat16 experts prepared for the Triton kernels, in shapes the fragment
+    kernel takes, all experts local, SiLU, router weights on the outputs."""
+    num_experts = layer.w13_weight.experts_shape[0]
     if not (
-        0 < topk_ids.numel() <= MAX_PAIR_PRODUCTS
+        0 < topk_ids.numel() <= PAIRS_PER_EXPERT * num_experts
         and x.dtype == torch.bfloat16
         and layer.expert_map is None
         and not layer.apply_router_weight_on_input
