@@ -378,14 +378,8 @@ def measure_moe(batches):
     return rows
 
 
-# The launch configurations `--sweep` times: (rows, warps) per program,
-# steps loaded ahead, cap on registers per thread.
-FRAGMENT_SWEEP = [
-    (shape, ahead, registers)
-    for shape in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 8))
-    for ahead in (1, 2)
-    for registers in (None, 128)
-]
+# The launch configurations `--sweep` times: (rows, warps) per program.
+FRAGMENT_SWEEP = [(64, 2), (64, 4), (128, 4), (128, 8), (256, 8)]
 
 
 # Most tokens the fragment sweep times: beyond, it decodes each weight
@@ -422,13 +416,8 @@ def sweep_fragment(layers, batches):
     """Per token count up to FRAGMENT_SWEEP_TOKENS, each launch
     configuration of the fragment kernel (`FRAGMENT_SWEEP`)."""
     configurations = {
-        f"rows={rows} warps={warps} ahead={ahead} registers={registers}": {
-            "rows_per_program": rows,
-            "num_warps": warps,
-            "ahead": ahead,
-            "max_registers": registers,
-        }
-        for (rows, warps), ahead, registers in FRAGMENT_SWEEP
+        f"rows={rows} warps={warps}": {"rows_per_program": rows, "num_warps": warps}
+        for rows, warps in FRAGMENT_SWEEP
     }
     return [
         sweep(fragment_4bit.matmul, layers, batch, configurations)

@@ -111,7 +111,6 @@ def compile_fragment(arch, tokens, split):
         "BLOCK_N": rows,
         "TOKENS": tokens,
         "SPLIT": split,
-        "AHEAD": 1,
         "ROUTED": False,
     }
     compiled = _compile(kernel, signature, constants, arch, num_warps, 1)

@@ -248,13 +248,12 @@ def fragment_kernel(
     BLOCK_N: tl.constexpr,
     TOKENS: tl.constexpr,
     SPLIT: tl.constexpr,
-    AHEAD: tl.constexpr,
     ROUTED: tl.constexpr,
 ):
     """out (M, N) = x (M, K) @ weight.T for BLOCK_N weight rows and one
     tile of TOKENS (8 or 16) tokens, over one of SPLIT ranges of K, 4 chunks of 64
     columns (one per lane of a row) a step, with the loads of the next
-    AHEAD (1 or 2) steps in flight. `x_ptr` is x as int32 pairs,
+    step in flight. `x_ptr` is x as int32 pairs,
     `stride_xm` in pairs.
 
     ROUTED: the weight is a stack of experts of EXPERT_ROWS rows, and out
@@ -302,26 +301,15 @@ def fragment_kernel(
     acc = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
     first = pid_k * STEPS_PER_SPLIT
     last = tl.minimum(first + STEPS_PER_SPLIT, STEPS)
-    # Each step loads a later step's words and absmax before it decodes its
-    # own, so the loads of AHEAD + 1 steps are in flight (the last steps load
-    # the last one again).
+    # Each step loads the next step's words and absmax before it decodes its
+    # own, so the loads of two steps are in flight (the last step loads
+    # itself again). Loading two steps ahead was slower on an H100
+    # (docs/benchmarks.md, section 5).
     absmax, low, high = _load_step(tile_rows, first, BLOCKSIZE)
-    if AHEAD == 1:
-        for step in range(first, last):
-            next_step = _load_step(tile_rows, tl.minimum(step + 1, last - 1), BLOCKSIZE)
-            acc = _multiply_step(
-                acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
-            )
-            absmax, low, high = next_step
-    else:
-        step_1 = _load_step(tile_rows, tl.minimum(first + 1, last - 1), BLOCKSIZE)
-        for step in range(first, last):
-            step_2 = _load_step(tile_rows, tl.minimum(step + 2, last - 1), BLOCKSIZE)
-            acc = _multiply_step(
-                acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS
-            )
-            absmax, low, high = step_1
-            step_1 = step_2
+    for step in range(first, last):
+        next_step = _load_step(tile_rows, tl.minimum(step + 1, last - 1), BLOCKSIZE)
+        acc = _multiply_step(acc, low, high, absmax, codes_ptr, x_tokens, step, TOKENS)
+        absmax, low, high = next_step
     fused_4bit._write_tile(
         _tile(acc, TOKENS),
         rows,
@@ -368,16 +356,12 @@ def matmul(
     split: int | None = None,
     rows_per_program: int | None = None,
     num_warps: int | None = None,
-    ahead: int = 1,
-    max_registers: int | None = None,
 ) -> torch.Tensor:
     """x (M, K) bfloat16 times the merged weight transposed, into `out`
     (M, N) bfloat16 if given, by programs of one tile of TILE_TOKENS tokens
     each. `split` fixes the number of K ranges per tile (by default: enough
-    to fill the GPU); the other arguments are for sweeps
-    (`benchmarks/gpu_4bit.py --sweep`): rows and warps per program instead
-    of `launch_config`'s, how many steps ahead to load (1 or 2), and a cap
-    on registers per thread."""
+    to fill the GPU); rows and warps per program instead of
+    `launch_config`'s are for sweeps (`benchmarks/gpu_4bit.py --sweep`)."""
     _check_supported(weight)
     tokens = x.shape[0]
     if x.dtype != torch.bfloat16 or tokens < 1:
@@ -396,16 +380,12 @@ def matmul(
         raise ValueError(
             "the fragment 4-bit kernel writes an out with unit column stride"
         )
-    if ahead not in (1, 2):
-        raise ValueError(
-            f"the fragment 4-bit kernel loads 1 or 2 steps ahead, not {ahead}"
-        )
     if rows_per_program % (16 * num_warps):
         raise ValueError(
             f"the fragment 4-bit kernel takes 16 rows per warp and fragment, "
             f"not {rows_per_program} rows for {num_warps} warps"
         )
-    _launch(x, weight, out, split, rows_per_program, num_warps, ahead, max_registers)
+    _launch(x, weight, out, split, rows_per_program, num_warps)
     return out
 
 
@@ -433,7 +413,7 @@ def routed_matmul(
         1, experts.numel() * expert_rows, dtype=torch.bfloat16, device=x.device
     )
     routing = (experts.reshape(-1), tokens.reshape(-1), expert_rows)
-    _launch(x, weight, out, None, rows_per_program, num_warps, 1, None, routing)
+    _launch(x, weight, out, None, rows_per_program, num_warps, routing)
     return out.view(-1, expert_rows)
 
 
@@ -444,8 +424,6 @@ def _launch(
     split: int | None,
     rows_per_program: int,
     num_warps: int,
-    ahead: int,
-    max_registers: int | None,
     routing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """`fragment_kernel` over all of `out`: x times the weight, or, with
@@ -484,8 +462,6 @@ def _launch(
         BLOCK_N=rows_per_program,
         TOKENS=tile_tokens,
         SPLIT=split,
-        AHEAD=ahead,
         ROUTED=routing is not None,
         num_warps=num_warps,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
