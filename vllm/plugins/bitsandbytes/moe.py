@@ -12,8 +12,9 @@ token picks `top_k` of them, so a decode step of a few tokens needs a few
 experts, not all) and runs the unquantized fused-MoE kernel on them. A
 forward of at most PAIRS_PER_EXPERT (token, expert) pairs per expert skips
 the decode: each pair is multiplied by its expert's 4-bit weights in
-registers (`fragment_4bit.routed_matmul`). On CPU, where the fused-MoE kernel and its
-router are CUDA-only, the torch routine of `cpu_moe` runs instead.
+registers (`fragment_4bit.routed_matmul`). On CPU, where the fused-MoE
+kernel and its router are CUDA-only, the torch routine of `cpu_moe` runs
+instead.
 """
 
 from collections.abc import Callable
