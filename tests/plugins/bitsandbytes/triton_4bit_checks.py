@@ -201,11 +201,11 @@ def test_decode_ptx_gives_bitsandbytes_weights(quant_type):
     codes = kernels.decode_table(quant_type, torch.device("cpu")).numpy()
     word_absmax = absmax.repeat_interleave(8).numpy()
     tables = PtxEmulator([None] * 8 + [word_absmax, *codes]).run(
-        fused_4bit.TABLE_PTX.value
+        kernels.TABLE_PTX.value
     )
     registers = PtxEmulator(
         [None] * 4 + [words] + [tables[f"${i}"] for i in range(8)]
-    ).run(fused_4bit.DECODE_PTX.value)
+    ).run(kernels.DECODE_PTX.value)
     # Each pair holds two consecutive columns, the first in its low half.
     pairs = np.stack([registers[f"${i}"] for i in range(4)], axis=1)
     bits = np.stack([pairs & 0xFFFF, pairs >> 16], axis=2).astype(np.uint16)

@@ -17,13 +17,14 @@ the product is unchanged. Nothing goes through shared memory in the loop,
 which is what bounds the fused kernel (`fused_4bit`) at these batch sizes,
 and 8 tokens cost half the multiplies of 16.
 
-The decode is `fused_4bit`'s (a per-block table built once per row and
-chunk, byte permutes, exactly `dequantize_4bit`'s weights). Under Triton's
-interpreter, which cannot run PTX, `_mma` computes what the PTX ISA defines
-`mma.sync.m16n8k16` to compute from those lanes' registers, so the CPU
-checks test the fragment mapping; `benchmarks/gpu_4bit_sass.py` checks that
-the compiled loop keeps the layout (no shared memory), and the GPU checks
-compare the compiled kernel with bitsandbytes.
+The decode is `triton_4bit.decode_pairs` (a per-block table built once
+per row and chunk, byte permutes, exactly `dequantize_4bit`'s weights).
+Under Triton's interpreter, which cannot run PTX, `_mma` computes what the
+PTX ISA defines `mma.sync.m16n8k16` to compute from those lanes'
+registers, so the CPU checks test the fragment mapping;
+`benchmarks/gpu_4bit_sass.py` checks that the compiled loop keeps the
+layout (no shared memory), and the GPU checks compare the compiled kernel
+with bitsandbytes.
 """
 
 import torch
@@ -31,7 +32,11 @@ import triton
 import triton.language as tl
 
 from vllm.plugins.bitsandbytes import fused_4bit
-from vllm.plugins.bitsandbytes.triton_4bit import _INTERPRETED, MergedWeight
+from vllm.plugins.bitsandbytes.triton_4bit import (
+    _INTERPRETED,
+    MergedWeight,
+    decode_pairs,
+)
 
 # Tokens per program: two fragments (m16n8k16's N is 8). More tokens take
 # more programs, each decoding the weights again.
@@ -149,7 +154,7 @@ def _multiply_half(acc, words, absmax, codes_ptr, x_tokens, TOKENS: tl.constexpr
     8 tokens. `x_tokens` (2 tensors (R / 2, 4, 4)) point to the half's
     activations of tokens g and g + 8 as int32 pairs, word w's at 4 w."""
     c0, c1, c2, c3, c4, c5, c6, c7 = acc
-    p0, p1, p2, p3 = fused_4bit.decode_pairs(words, absmax, codes_ptr)
+    p0, p1, p2, p3 = decode_pairs(words, absmax, codes_ptr)
     # One target per assignment: triton 3.6 cannot parse nested unpacking.
     p0, p0_ = _words(p0)
     p1, p1_ = _words(p1)

@@ -5,9 +5,8 @@
 Each program decodes a tile of weights in registers and multiplies it on
 the tensor cores, so the weights never reach memory as bfloat16. It reads a
 merged layer's storage (`triton_4bit.MergedWeight`) as bitsandbytes writes
-it and multiplies by exactly `dequantize_4bit`'s weights. The decode is PTX
-byte permutes on a per-block table, about 2.6 instructions per weight,
-where a table load per weight costs 11 to 15. `triton_4bit.matmul` calls it
+it and multiplies by exactly `dequantize_4bit`'s weights, decoded by
+`triton_4bit.decode_pairs`. `triton_4bit.matmul` calls it
 for the token counts where it is the fastest path (docs/benchmarks.md,
 section 5, measured on an H200).
 
@@ -28,130 +27,8 @@ from vllm.plugins.bitsandbytes.triton_4bit import (
     _INTERPRETED,
     MergedWeight,
     _to_bfloat16,
+    decode_pairs,
 )
-
-# A block's table: entry i is bfloat16(code[i] * absmax), rounded once from
-# the float32 product as `dequantize_4bit` rounds it, split into a plane of
-# low bytes and one of high bytes, 4 registers each, 4 entries per register.
-TABLE_PTX = tl.constexpr(
-    "\n".join(
-        ["{", ".reg .f32 p<16>;", ".reg .b32 q<8>;"]
-        + [f"mul.rn.f32 p{i}, $8, ${9 + i};" for i in range(16)]
-        + [f"cvt.rn.bf16x2.f32 q{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]
-        + [f"prmt.b32 ${i}, q{2 * i}, q{2 * i + 1}, 0x6420;" for i in range(4)]
-        + [f"prmt.b32 ${4 + i}, q{2 * i}, q{2 * i + 1}, 0x7531;" for i in range(4)]
-        + ["}"]
-    )
-)
-
-
-def _decode_ptx() -> str:
-    """PTX taking a 32-bit word of packed weights ($4) and its block's table
-    ($5-$8 low bytes, $9-$12 high bytes) to the word's 8 bfloat16 weights
-    as 4 pairs ($0-$3), in column order.
-
-    Per group of 4 nibbles: their low 3 bits pick a byte from each half of
-    each plane (4 `prmt`), bit 3 becomes a byte mask (one `prmt` that
-    replicates sign bits), `lop3` keeps the right half, and two `prmt`
-    interleave low and high bytes into bfloat16 pairs, swapping the two
-    nibbles of a byte (bitsandbytes puts the even column in the high one).
-    """
-    lines = [
-        "{",
-        ".reg .b32 s, sh, t, m, la, lb, ha, hb, lo, hi;",
-        "and.b32 s, $4, 0x77777777;",
-        "shl.b32 t, $4, 4;",
-        "shr.b32 sh, s, 16;",
-    ]
-    # Mask byte i copies bit 3 of nibble i, which is bit 7 of a byte of t
-    # (even i) or of the word (odd i).
-    for selector, mask, pair in (("s", "0x9D8C", 0), ("sh", "0xBFAE", 2)):
-        lines += [
-            f"prmt.b32 la, $5, $6, {selector};",
-            f"prmt.b32 lb, $7, $8, {selector};",
-            f"prmt.b32 ha, $9, $10, {selector};",
-            f"prmt.b32 hb, $11, $12, {selector};",
-            f"prmt.b32 m, $4, t, {mask};",
-            "lop3.b32 lo, la, lb, m, 0xD8;",
-            "lop3.b32 hi, ha, hb, m, 0xD8;",
-            f"prmt.b32 ${pair}, lo, hi, 0x4051;",
-            f"prmt.b32 ${pair + 1}, lo, hi, 0x6273;",
-        ]
-    return "\n".join([*lines, "}"])
-
-
-DECODE_PTX = tl.constexpr(_decode_ptx())
-
-
-@triton.jit
-def _bits(value):
-    """float32 rounded to bfloat16, as the low 16 bits of a uint32."""
-    return _to_bfloat16(value).to(tl.uint16, bitcast=True).to(tl.uint32)
-
-
-@triton.jit
-def decode_pairs(words, absmax, codes_ptr):
-    """The 8 bfloat16 weights of each int32 word of `words` as 4 uint32
-    pairs of its shape, columns 2j (low half) and 2j + 1 of pair j; `absmax`,
-    of the shape of `words` without its last dimension, is the block's.
-    """
-    if _INTERPRETED:
-        scale = tl.expand_dims(absmax, -1)
-        # Column 2j sits in byte j, in the high nibble.
-        return (
-            _bits(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + (words & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 8) & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 16) & 15)) * scale) << 16,
-            _bits(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
-            | _bits(tl.load(codes_ptr + ((words >> 24) & 15)) * scale) << 16,
-        )
-    l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
-        TABLE_PTX,
-        "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
-        [
-            absmax,
-            tl.load(codes_ptr + 0),
-            tl.load(codes_ptr + 1),
-            tl.load(codes_ptr + 2),
-            tl.load(codes_ptr + 3),
-            tl.load(codes_ptr + 4),
-            tl.load(codes_ptr + 5),
-            tl.load(codes_ptr + 6),
-            tl.load(codes_ptr + 7),
-            tl.load(codes_ptr + 8),
-            tl.load(codes_ptr + 9),
-            tl.load(codes_ptr + 10),
-            tl.load(codes_ptr + 11),
-            tl.load(codes_ptr + 12),
-            tl.load(codes_ptr + 13),
-            tl.load(codes_ptr + 14),
-            tl.load(codes_ptr + 15),
-        ],
-        dtype=(tl.uint32,) * 8,
-        is_pure=True,
-        pack=1,
-    )
-    return tl.inline_asm_elementwise(
-        DECODE_PTX,
-        "=r,=r,=r,=r" + ",r" * 9,
-        [
-            words,
-            tl.expand_dims(l0, -1),
-            tl.expand_dims(l1, -1),
-            tl.expand_dims(l2, -1),
-            tl.expand_dims(l3, -1),
-            tl.expand_dims(h0, -1),
-            tl.expand_dims(h1, -1),
-            tl.expand_dims(h2, -1),
-            tl.expand_dims(h3, -1),
-        ],
-        dtype=(tl.uint32,) * 4,
-        is_pure=True,
-        pack=1,
-    )
 
 
 @triton.jit

@@ -13,8 +13,10 @@ the tensor cores' operands. From 17 to 128 tokens the fused kernel of
 `fused_4bit` decodes in registers and multiplies on the tensor cores
 through shared memory. Beyond, a Triton kernel decodes the whole layer once
 and cuBLAS multiplies, as vLLM's AWQ path does for large batches. All three
-multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s weights
-(code value times block absmax in float32, rounded to bfloat16). Layers
+decode with `decode_pairs` (byte permutes on a per-block table, about 2.6
+instructions per weight, where a table load per weight costs 11 to 15), so
+they multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s
+weights (code value times block absmax in float32, rounded to bfloat16). Layers
 whose shape the two register kernels do not take, and float16 models, run
 bitsandbytes' own `matmul_4bit` for few tokens.
 
@@ -72,18 +74,6 @@ def decode_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _decode(packed, absmax, table_ptr, SHAPE: tl.constexpr):
-    """The bfloat16 weights held by `packed` bytes, in column order.
-
-    `packed` has shape SHAPE[:-1] + (SHAPE[-1] // 2,), `absmax` broadcasts
-    to it; the result has SHAPE.
-    """
-    even = _to_bfloat16(tl.load(table_ptr + (packed >> 4).to(tl.int32)) * absmax)
-    odd = _to_bfloat16(tl.load(table_ptr + (packed & 15).to(tl.int32)) * absmax)
-    return tl.reshape(tl.join(even, odd), SHAPE)
-
-
-@triton.jit
 def _to_bfloat16(value):
     """Round float32 to the nearest bfloat16, ties to even, as torch does.
 
@@ -98,9 +88,133 @@ def _to_bfloat16(value):
     return value.to(tl.bfloat16)
 
 
+# A block's table: entry i is bfloat16(code[i] * absmax), rounded once from
+# the float32 product as `dequantize_4bit` rounds it, split into a plane of
+# low bytes and one of high bytes, 4 registers each, 4 entries per register.
+TABLE_PTX = tl.constexpr(
+    "\n".join(
+        ["{", ".reg .f32 p<16>;", ".reg .b32 q<8>;"]
+        + [f"mul.rn.f32 p{i}, $8, ${9 + i};" for i in range(16)]
+        + [f"cvt.rn.bf16x2.f32 q{i}, p{2 * i + 1}, p{2 * i};" for i in range(8)]
+        + [f"prmt.b32 ${i}, q{2 * i}, q{2 * i + 1}, 0x6420;" for i in range(4)]
+        + [f"prmt.b32 ${4 + i}, q{2 * i}, q{2 * i + 1}, 0x7531;" for i in range(4)]
+        + ["}"]
+    )
+)
+
+
+def _decode_ptx() -> str:
+    """PTX taking a 32-bit word of packed weights ($4) and its block's table
+    ($5-$8 low bytes, $9-$12 high bytes) to the word's 8 bfloat16 weights
+    as 4 pairs ($0-$3), in column order.
+
+    Per group of 4 nibbles: their low 3 bits pick a byte from each half of
+    each plane (4 `prmt`), bit 3 becomes a byte mask (one `prmt` that
+    replicates sign bits), `lop3` keeps the right half, and two `prmt`
+    interleave low and high bytes into bfloat16 pairs, swapping the two
+    nibbles of a byte (bitsandbytes puts the even column in the high one).
+    """
+    lines = [
+        "{",
+        ".reg .b32 s, sh, t, m, la, lb, ha, hb, lo, hi;",
+        "and.b32 s, $4, 0x77777777;",
+        "shl.b32 t, $4, 4;",
+        "shr.b32 sh, s, 16;",
+    ]
+    # Mask byte i copies bit 3 of nibble i, which is bit 7 of a byte of t
+    # (even i) or of the word (odd i).
+    for selector, mask, pair in (("s", "0x9D8C", 0), ("sh", "0xBFAE", 2)):
+        lines += [
+            f"prmt.b32 la, $5, $6, {selector};",
+            f"prmt.b32 lb, $7, $8, {selector};",
+            f"prmt.b32 ha, $9, $10, {selector};",
+            f"prmt.b32 hb, $11, $12, {selector};",
+            f"prmt.b32 m, $4, t, {mask};",
+            "lop3.b32 lo, la, lb, m, 0xD8;",
+            "lop3.b32 hi, ha, hb, m, 0xD8;",
+            f"prmt.b32 ${pair}, lo, hi, 0x4051;",
+            f"prmt.b32 ${pair + 1}, lo, hi, 0x6273;",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+DECODE_PTX = tl.constexpr(_decode_ptx())
+
+
+@triton.jit
+def _bits(value):
+    """float32 rounded to bfloat16, as the low 16 bits of a uint32."""
+    return _to_bfloat16(value).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def decode_pairs(words, absmax, codes_ptr):
+    """The 8 bfloat16 weights of each int32 word of `words` as 4 uint32
+    pairs of its shape, columns 2j (low half) and 2j + 1 of pair j; `absmax`,
+    of the shape of `words` without its last dimension, is the block's.
+    """
+    if _INTERPRETED:
+        scale = tl.expand_dims(absmax, -1)
+        # Column 2j sits in byte j, in the high nibble.
+        return (
+            _bits(tl.load(codes_ptr + ((words >> 4) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + (words & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 12) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 8) & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 20) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 16) & 15)) * scale) << 16,
+            _bits(tl.load(codes_ptr + ((words >> 28) & 15)) * scale)
+            | _bits(tl.load(codes_ptr + ((words >> 24) & 15)) * scale) << 16,
+        )
+    l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+        TABLE_PTX,
+        "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
+        [
+            absmax,
+            tl.load(codes_ptr + 0),
+            tl.load(codes_ptr + 1),
+            tl.load(codes_ptr + 2),
+            tl.load(codes_ptr + 3),
+            tl.load(codes_ptr + 4),
+            tl.load(codes_ptr + 5),
+            tl.load(codes_ptr + 6),
+            tl.load(codes_ptr + 7),
+            tl.load(codes_ptr + 8),
+            tl.load(codes_ptr + 9),
+            tl.load(codes_ptr + 10),
+            tl.load(codes_ptr + 11),
+            tl.load(codes_ptr + 12),
+            tl.load(codes_ptr + 13),
+            tl.load(codes_ptr + 14),
+            tl.load(codes_ptr + 15),
+        ],
+        dtype=(tl.uint32,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+    return tl.inline_asm_elementwise(
+        DECODE_PTX,
+        "=r,=r,=r,=r" + ",r" * 9,
+        [
+            words,
+            tl.expand_dims(l0, -1),
+            tl.expand_dims(l1, -1),
+            tl.expand_dims(l2, -1),
+            tl.expand_dims(l3, -1),
+            tl.expand_dims(h0, -1),
+            tl.expand_dims(h1, -1),
+            tl.expand_dims(h2, -1),
+            tl.expand_dims(h3, -1),
+        ],
+        dtype=(tl.uint32,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+
+
 @triton.jit
 def _dequantize_kernel(
-    weight_ptr,
+    words_ptr,
     absmax_ptr,
     table_ptr,
     experts_ptr,
@@ -114,14 +228,14 @@ def _dequantize_kernel(
     GROUPS: tl.constexpr,
     GATHER: tl.constexpr,
 ):
-    """BLOCK_N rows and GROUPS groups of GROUP columns of the bfloat16 weight.
+    """BLOCK_N rows and GROUPS groups of GROUP columns of the bfloat16 weight,
+    read as int32 words of 8 values and stored as int32 pairs.
 
-    A group lies inside one absmax block, so each decoded value needs one
-    broadcast absmax. With GATHER, the weight is a stack of experts of
-    EXPERT_ROWS rows each, and output expert i is stored expert
-    `experts_ptr[i]`.
+    A group lies inside one absmax block, so `decode_pairs` builds one table
+    per group. With GATHER, the weight is a stack of experts of EXPERT_ROWS
+    rows each, and output expert i is stored expert `experts_ptr[i]`.
     """
-    HALF: tl.constexpr = GROUP // 2
+    WORDS: tl.constexpr = GROUP // 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * GROUPS * GROUP
     groups = tl.arange(0, GROUPS)
@@ -130,12 +244,11 @@ def _dequantize_kernel(
     if GATHER:
         expert = tl.load(experts_ptr + rows // EXPERT_ROWS, mask=row_mask, other=0)
         stored_rows = expert.to(tl.int64) * EXPERT_ROWS + rows % EXPERT_ROWS
-    step_bytes = groups[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    step_columns = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    packed = tl.load(
-        weight_ptr
-        + stored_rows[:, None, None] * (K // 2)
-        + (k // 2 + step_bytes)[None],
+    group_words = groups[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+    words = tl.load(
+        words_ptr
+        + stored_rows[:, None, None] * (K // 8)
+        + (k // 8 + group_words)[None],
         mask=row_mask[:, None, None],
         other=0,
     )
@@ -146,9 +259,14 @@ def _dequantize_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )
-    weights = _decode(packed, absmax[:, :, None], table_ptr, (BLOCK_N, GROUPS, GROUP))
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None, None] * K + (k + step_columns)[None]
-    tl.store(out_ptrs, weights, mask=row_mask[:, None, None])
+    p0, p1, p2, p3 = decode_pairs(words, absmax, table_ptr)
+    # join appends a dimension: pair j ends up at (j & 1, j >> 1), which the
+    # permutation puts in column order.
+    pairs = tl.permute(tl.join(tl.join(p0, p1), tl.join(p2, p3)), (0, 1, 2, 4, 3))
+    pairs = tl.reshape(pairs, (BLOCK_N, GROUPS * GROUP // 2))
+    columns = tl.arange(0, GROUPS * GROUP // 2)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * (K // 2) + k // 2 + columns
+    tl.store(out_ptrs, pairs, mask=row_mask[:, None])
 
 
 def _largest_step(columns: int, limit: int) -> int:
@@ -175,6 +293,8 @@ def dequantize(
     each, and only those experts are decoded, in that order.
     """
     rows, columns = weight.shape[0], 2 * weight.shape[1]
+    if columns % 8:
+        raise ValueError(f"the 4-bit decode reads words of 8 columns, not {columns}")
     if experts is not None:
         rows = experts.numel() * expert_rows
     if out is None:
@@ -182,11 +302,11 @@ def dequantize(
     step = _largest_step(columns, 512)
     group = min(blocksize, step)
     _dequantize_kernel[(triton.cdiv(rows, _DEQUANTIZE_ROWS), columns // step)](
-        weight,
+        weight.view(torch.int32),
         absmax,
         table,
         experts,
-        out,
+        out.view(torch.int32),
         rows,
         columns,
         expert_rows,
