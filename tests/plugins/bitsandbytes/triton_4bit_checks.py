@@ -289,6 +289,16 @@ def test_dequantized_weights_equal_bitsandbytes(layers):
         assert torch.equal(layer.dequantize(), layer.reference)
 
 
+def test_dequantize_refuses_rows_of_partial_words():
+    """The decode reads int32 words of 8 values: rows of 6 columns are an
+    error, not a misread."""
+    packed = torch.zeros(2, 3, dtype=torch.uint8, device=DEVICE)
+    absmax = torch.ones(2, dtype=torch.float32, device=DEVICE)
+    table = kernels.decode_table("nf4", torch.device(DEVICE))
+    with pytest.raises(ValueError, match="words of 8 columns"):
+        kernels.dequantize(packed, absmax, table, 6)
+
+
 def assert_matches_float32_reference(out, x, reference):
     expected = x.float() @ reference.float().T
     # The output is rounded to bfloat16: half an ulp, at most 2**-8 of the
