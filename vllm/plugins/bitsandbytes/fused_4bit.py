@@ -6,9 +6,9 @@ Each program decodes a tile of weights in registers and multiplies it on
 the tensor cores, so the weights never reach memory as bfloat16. It reads a
 merged layer's storage (`triton_4bit.MergedWeight`) as bitsandbytes writes
 it and multiplies by exactly `dequantize_4bit`'s weights, decoded by
-`triton_4bit.decode_pairs`. `triton_4bit.matmul` calls it
-for the token counts where it is the fastest path (docs/benchmarks.md,
-section 5, measured on an H200).
+`triton_4bit.decode_pairs`. `triton_4bit.matmul` calls it for the token
+counts where it is the fastest path (docs/benchmarks.md, section 5,
+measured on an H200).
 
 `benchmarks/gpu_4bit.py` times it (its `fused` column) next to the other
 paths and bf16; `benchmarks/gpu_4bit_sass.py` counts its instructions

@@ -16,9 +16,9 @@ and cuBLAS multiplies, as vLLM's AWQ path does for large batches. All three
 decode with `decode_pairs` (byte permutes on a per-block table, about 2.6
 instructions per weight, where a table load per weight costs 11 to 15), so
 they multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s
-weights (code value times block absmax in float32, rounded to bfloat16). Layers
-whose shape the two register kernels do not take, and float16 models, run
-bitsandbytes' own `matmul_4bit` for few tokens.
+weights (code value times block absmax in float32, rounded to bfloat16).
+Layers whose shape the two register kernels do not take, and float16
+models, run bitsandbytes' own `matmul_4bit` for few tokens.
 
 The fused-MoE method (`moe.py`) decodes experts with the same kernel, only
 those its tokens are routed to (`compact_routing`).
