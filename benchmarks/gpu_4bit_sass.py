@@ -59,7 +59,9 @@ NUM_WARPS = 4
 COLUMNS = 4096
 
 
-def _compile(kernel, signature, constants, arch, num_warps, num_stages):
+def _compile(
+    kernel, signature, constants, arch, num_warps, num_stages, source_type=ASTSource
+):
     """`kernel` compiled for sm_`arch` as a launch at Llama-3-8B shapes sees
     it: 16-byte aligned pointers, DIVISIBLE_BY_16 integers divisible by 16."""
     names = list(signature)
@@ -68,7 +70,7 @@ def _compile(kernel, signature, constants, arch, num_warps, num_stages):
         (names.index(name),): [["tt.divisibility", 16]]
         for name in aligned + [n for n in DIVISIBLE_BY_16 if n in signature]
     }
-    source = ASTSource(
+    source = source_type(
         fn=kernel, signature=signature, constexprs=constants, attrs=attrs
     )
     options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -117,6 +119,30 @@ def compile_fragment(arch, tokens, split):
     return compiled, rows * 256 / (32 * num_warps)
 
 
+def compile_wgmma(arch, tokens, split):
+    """`wgmma_4bit.wgmma_kernel` as `wgmma_4bit.matmul` launches it for
+    `tokens` tokens, and the weights per thread of one step of its loop."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from vllm.plugins.bitsandbytes import wgmma_4bit
+
+    block_t, num_warps = wgmma_4bit.launch_config(tokens)
+    kernel = wgmma_4bit.wgmma_kernel
+    types = {**SIGNATURE, "x_ptr": "*bf16"}
+    signature = {name: types[name] for name in kernel.arg_names if name in types}
+    constants = {
+        "BLOCKSIZE": 64,
+        "BLOCK_T": block_t,
+        "RING": wgmma_4bit.ring_tiles(block_t),
+        "SPLIT": split,
+        "num_warps": num_warps,
+    }
+    compiled = _compile(
+        kernel, signature, constants, arch, num_warps, 1, source_type=GluonASTSource
+    )
+    return compiled, 16 * num_warps * wgmma_4bit.STEP_COLUMNS.value / (32 * num_warps)
+
+
 def main_loop(sass):
     """Opcodes of the longest backward-branching block (the K loop)."""
     lines = [line.strip() for line in sass.splitlines()]
@@ -151,6 +177,11 @@ def main(argv=None):
         (f"fragment, {tokens} tokens", compile_fragment(args.arch, tokens, 5))
         for tokens in (8, 16)
     ]
+    # Split, as all but the largest layers get it (the main loop is the same).
+    kernels += [
+        (f"wgmma, {tokens} tokens", compile_wgmma(args.arch, tokens, 2))
+        for tokens in (256, 128)
+    ]
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))
         opcodes = collections.Counter(op.split(".")[0] for op in loop)
@@ -161,7 +192,7 @@ def main(argv=None):
         print(
             f"{label}: {len(loop) / weights_per_thread:.2f} instructions ({top}); "
             f"shared or local memory in the loop: {_memory_ops(opcodes)}; "
-            f"{_registers(kernel)} registers"
+            f"{_registers(kernel)} registers; {opcodes['HGMMA']} HGMMA"
         )
 
 

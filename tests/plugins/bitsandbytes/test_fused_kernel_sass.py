@@ -64,3 +64,24 @@ def test_fragment_main_loop_feeds_the_tensor_cores_from_registers(printed):
         assert memory == "none", printed
         opcodes = dict(entry.split() for entry in top.split(", "))
         assert abs(float(opcodes["HMMA"]) - int(tokens) / 64) < 0.01, printed
+
+
+def test_wgmma_main_loop_keeps_the_weights_in_registers(printed):
+    """`wgmma_4bit`'s decoded weights are the register operand of `HGMMA`:
+    no shared-memory store and no spill in the loop (its only shared-memory
+    writes are the activations' `LDGSTS` copies), and as many `HGMMA` per
+    step as k16 slices (16) per warpgroup. The `LDS` that ptxas places
+    after barriers are never executed (`@!PT`)."""
+    counts = re.findall(
+        r"wgmma, (\d+) tokens: ([\d.]+) instructions \((.*)\); "
+        r"shared or local memory in the loop: ([^;]*); \d+ registers; "
+        r"(\d+) HGMMA",
+        printed,
+    )
+    assert [int(tokens) for tokens, *_ in counts] == [256, 128], printed
+    for _, per_weight, top, memory, hgmma in counts:
+        assert float(per_weight) < 8, printed
+        assert top.split()[0] == "PRMT", printed
+        memory_ops = dict(entry.split() for entry in memory.split(", "))
+        assert not {"STS", "STL", "LDL"} & set(memory_ops), printed
+        assert int(hgmma) == 16, printed

@@ -38,7 +38,7 @@ from bitsandbytes.functional import (
     quantize_4bit,
 )
 
-from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit, wgmma_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 ON_GPU = torch.cuda.is_available()
@@ -537,6 +537,61 @@ def test_fragment_refuses_what_it_does_not_multiply(fragment_layers, layers):
                 fragment_4bit.matmul(wrong, layer.merged)
         with pytest.raises(ValueError, match="16 rows per warp"):
             fragment_4bit.matmul(x[:1], layer.merged, rows_per_program=32)
+
+
+# Gluon kernels run compiled only: the CPU checks of `wgmma_4bit` compile
+# it and read its machine code (test_fused_kernel_sass.py).
+on_hopper = pytest.mark.skipif(
+    not ON_GPU or torch.cuda.get_device_capability() != (9, 0),
+    reason="the warpgroup kernel runs on sm_90 GPUs only",
+)
+WGMMA_BATCHES = [129, 200, 256, 300, 512]
+
+
+def wgmma_layers(layers):
+    """The layers the warpgroup kernel takes; it refuses the others."""
+    for layer in layers:
+        if wgmma_4bit.supports(layer.merged, DEVICE):
+            yield layer
+        else:
+            x = random_input(256, layer.reference.shape[1], seed=0)
+            with pytest.raises(ValueError, match="multiple of 256 columns"):
+                wgmma_4bit.matmul(x, layer.merged)
+
+
+@on_hopper
+@pytest.mark.parametrize("split", FUSED_SPLITS)
+@pytest.mark.parametrize("tokens", WGMMA_BATCHES)
+def test_wgmma_matches_float32_reference(layers, tokens, split):
+    for index, layer in enumerate(wgmma_layers(layers)):
+        x = random_input(tokens, layer.reference.shape[1], seed=tokens + index)
+        out = wgmma_4bit.matmul(x, layer.merged, split=split)
+        assert_matches_float32_reference(out, x, layer.reference)
+
+
+@on_hopper
+@pytest.mark.parametrize("tokens_per_program", [128, 256])
+def test_wgmma_multiplies_by_the_exact_weights(layers, tokens_per_program):
+    """One-hot rows of x pick single weights: every slot of the gathered
+    activations and of the decoded operand lands where the other expects
+    it, or some product is another weight."""
+    for layer in wgmma_layers(layers):
+        x, picked = one_hot_rows(300, layer.reference.shape[1])
+        out = wgmma_4bit.matmul(x, layer.merged, tokens_per_program=tokens_per_program)
+        assert torch.equal(out, layer.reference[:, picked].T)
+
+
+@on_hopper
+def test_wgmma_replays_in_a_cuda_graph(layers):
+    layer = next(wgmma_layers(layers))
+    x = random_input(256, layer.reference.shape[1], seed=3)
+    wgmma_4bit.matmul(x, layer.merged)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = wgmma_4bit.matmul(x, layer.merged)
+    x.copy_(random_input(256, layer.reference.shape[1], seed=4))
+    graph.replay()
+    assert torch.equal(captured, wgmma_4bit.matmul(x, layer.merged))
 
 
 def one_hot_rows(tokens, columns):

@@ -1,0 +1,383 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""bitsandbytes 4-bit matmul for large batches on Hopper (sm_90), written in
+Gluon: the decoded weights are the register operand of asynchronous
+warpgroup MMAs (`wgmma`), so the tensor cores multiply one part of a tile
+while the warps decode the next, and the weights never go through shared
+memory.
+
+A warpgroup's register operand gives lane 4g + t rows g and g + 8 of its
+warp's 16 and, in each k16 slice, the k slots 2t, 2t + 1, 2t + 8, 2t + 9.
+As in `fragment_4bit`, the k slots of a lane are made to be its own chunk
+of 64 columns (one absmax block, one decode table): slot 16s + 8h + 2t + e
+of a step of 256 holds column 64t + 4s + 2h + e. The activations are
+gathered into shared memory in that order (4-byte `cp.async` copies, so x
+is read as it is), and the weights are decoded by `triton_4bit`'s byte
+permutes, exactly `dequantize_4bit`'s values, straight into the operand's
+registers: the only layout conversion is a renaming of registers, which
+the compiler is made to prove (`assert_trivial`).
+
+Gluon kernels are compiled for a GPU; Triton's interpreter cannot run them,
+so the CPU checks compile this kernel for sm_90 and inspect the machine
+code, and the GPU checks compare it with bitsandbytes.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from vllm.plugins.bitsandbytes import fused_4bit
+from vllm.plugins.bitsandbytes.triton_4bit import (
+    DECODE_PTX,
+    TABLE_PTX,
+    MergedWeight,
+)
+
+# triton 3.6 names the cp.async copy `async_copy_global_to_shared`; later
+# releases `async_load`.
+_copy_async = getattr(async_copy, "async_load", None) or (
+    async_copy.async_copy_global_to_shared
+)
+# A barrier of the program's threads: `thread_barrier` in triton 3.6,
+# `barrier` in later releases.
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+# Columns per step: 4 chunks of 64, one per lane of a row.
+STEP_COLUMNS = gl.constexpr(256)
+# Columns per sub-step: one `warpgroup_mma` of 4 k16 slices.
+SUB_COLUMNS = gl.constexpr(64)
+# Shared memory for the ring of activation tiles, within the 227 KiB a
+# program may take on sm_90.
+RING_BYTES = 192 * 1024
+
+
+@gluon.constexpr_function
+def _word_layout(rows, words):
+    """(rows, 4 chunks, `words` words): lane 4g + t holds rows g and g + 8
+    of its warp's 16 and chunk t; the words are registers."""
+    registers = [[0, 0, 1 << b] for b in range(words.bit_length() - 1)]
+    registers.append([8, 0, 0])
+    lanes = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warps = [[16 << b, 0, 0] for b in range((rows // 16).bit_length() - 1)]
+    return gl.DistributedLinearLayout(registers, lanes, warps, [], [rows, 4, words])
+
+
+@gluon.constexpr_function
+def _gather_layout(tokens, warps):
+    """(tokens, 64 slots) of a sub-step's activations: each lane copies the
+    pairs of slots of one t (so 8 tokens' lanes write 32 different banks),
+    warps and then registers take the other tokens."""
+    registers = [[0, 1], [0, 8], [0, 16], [0, 32]]
+    lanes = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+    warp_bases = [[8 << b, 0] for b in range(warps.bit_length() - 1)]
+    covered = 8 * warps
+    while covered < tokens:
+        registers.append([covered, 0])
+        covered *= 2
+    return gl.DistributedLinearLayout(registers, lanes, warp_bases, [], [tokens, 64])
+
+
+@gluon.jit
+def _tables(absmax, codes_ptr):
+    """`triton_4bit.decode_pairs`'s 8 table registers of each block."""
+    return gl.inline_asm_elementwise(
+        TABLE_PTX,
+        "=r,=r,=r,=r,=r,=r,=r,=r" + ",f" * 17,
+        [
+            absmax,
+            gl.load(codes_ptr + 0),
+            gl.load(codes_ptr + 1),
+            gl.load(codes_ptr + 2),
+            gl.load(codes_ptr + 3),
+            gl.load(codes_ptr + 4),
+            gl.load(codes_ptr + 5),
+            gl.load(codes_ptr + 6),
+            gl.load(codes_ptr + 7),
+            gl.load(codes_ptr + 8),
+            gl.load(codes_ptr + 9),
+            gl.load(codes_ptr + 10),
+            gl.load(codes_ptr + 11),
+            gl.load(codes_ptr + 12),
+            gl.load(codes_ptr + 13),
+            gl.load(codes_ptr + 14),
+            gl.load(codes_ptr + 15),
+        ],
+        dtype=(gl.uint32,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@gluon.jit
+def _operand(words, tables, operand_layout: gl.constexpr):
+    """The register operand (rows, 64 slots) of a sub-step from its words
+    (rows, 4 chunks, 2): word i of chunk t fills slices 2i and 2i + 1."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = tables
+    p0, p1, p2, p3 = gl.inline_asm_elementwise(
+        DECODE_PTX,
+        "=r,=r,=r,=r" + ",r" * 9,
+        [words, l0, l1, l2, l3, h0, h1, h2, h3],
+        dtype=(gl.uint32,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+    # Pair j = 2 js + h of word i (columns 8 i + 2 j + e of the chunk) goes
+    # to slot 32 i + 16 js + 8 h + 2 t + e.
+    pairs = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # (rows, t, i, h, js)
+    low = (pairs & 0xFFFF).to(gl.uint16).to(gl.bfloat16, bitcast=True)
+    high = (pairs >> 16).to(gl.uint16).to(gl.bfloat16, bitcast=True)
+    operand = gl.permute(gl.join(low, high), (0, 2, 4, 3, 1, 5))
+    operand = gl.reshape(operand, (operand.shape[0], 64))
+    return gl.convert_layout(operand, operand_layout, assert_trivial=True)
+
+
+@gluon.jit
+def wgmma_kernel(
+    x_ptr,
+    words_ptr,
+    absmax_ptr,
+    codes_ptr,
+    partial_ptr,
+    arrivals_ptr,
+    out_ptr,
+    M,
+    N,
+    K_WORDS,
+    K_BLOCKS,
+    STEPS,
+    STEPS_PER_SPLIT,
+    stride_xm,
+    stride_om,
+    BLOCKSIZE: gl.constexpr,
+    BLOCK_T: gl.constexpr,
+    RING: gl.constexpr,
+    SPLIT: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """out (M, N) = x (M, K) @ weight.T for 16 num_warps weight rows and
+    BLOCK_T tokens, over one of SPLIT ranges of K. The activations of each
+    sub-step are copied RING - 2 sub-steps ahead into a ring of RING
+    tiles; one `warpgroup_mma` stays in flight while the next is decoded."""
+    ROWS: gl.constexpr = 16 * num_warps
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    first = pid_k * STEPS_PER_SPLIT
+    last = gl.minimum(first + STEPS_PER_SPLIT, STEPS)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16]
+    )
+    operand_layout: gl.constexpr = gl.DotOperandLayout(
+        operand_index=0, parent=mma, k_width=2
+    )
+    words_layout: gl.constexpr = _word_layout(ROWS, 2)
+    blocks_layout: gl.constexpr = gl.SliceLayout(2, words_layout)
+    rows = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blocks_layout))
+    rows = gl.minimum(rows, N - 1).to(gl.int64)
+    chunks = gl.arange(0, 4, layout=gl.SliceLayout(0, blocks_layout))
+    pair_words = gl.arange(
+        0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, words_layout))
+    )
+    words_ptrs = (
+        words_ptr
+        + (rows[:, None] * K_WORDS + chunks[None, :] * 8)[:, :, None]
+        + pair_words[None, None, :]
+    )
+    absmax_ptrs = (
+        absmax_ptr + rows[:, None] * K_BLOCKS + (64 * chunks)[None, :] // BLOCKSIZE
+    )
+
+    gather: gl.constexpr = _gather_layout(BLOCK_T, num_warps)
+    ring = gl.allocate_shared_memory(
+        gl.bfloat16,
+        [RING, BLOCK_T, SUB_COLUMNS],
+        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+    )
+    tokens = pid_m * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gather))
+    token_mask = tokens < M
+    slots = gl.arange(0, 64, layout=gl.SliceLayout(0, gather))
+    # Slot 16 s + 8 h + 2 t + e of sub-step q reads column 64 t + 16 q +
+    # 4 s + 2 h + e of the step.
+    sources = (
+        64 * ((slots >> 1) & 3)
+        + 4 * (slots >> 4)
+        + 2 * ((slots >> 3) & 1)
+        + (slots & 1)
+    )
+    sources = gl.max_contiguous(gl.multiple_of(sources, 2), 2)
+    x_ptrs = (
+        x_ptr
+        + gl.minimum(tokens, M - 1).to(gl.int64)[:, None] * stride_xm
+        + (first * STEP_COLUMNS + sources)[None, :]
+    )
+    x_mask = token_mask[:, None] & (slots[None, :] < 64)
+
+    AHEAD: gl.constexpr = RING - 2
+    sub_steps = (last - first) * 4
+    for ahead in gl.static_range(AHEAD):
+        if ahead < sub_steps:
+            _copy_async(
+                ring.index(ahead),
+                x_ptrs + (ahead // 4) * STEP_COLUMNS + (ahead % 4) * 16,
+                mask=x_mask,
+            )
+        async_copy.commit_group()
+
+    acc = gl.zeros((ROWS, BLOCK_T), gl.float32, layout=mma)
+    for step in range(first, last):
+        tables = _tables(
+            gl.load(absmax_ptrs + step * STEP_COLUMNS // BLOCKSIZE), codes_ptr
+        )
+        tables = (
+            tables[0][:, :, None],
+            tables[1][:, :, None],
+            tables[2][:, :, None],
+            tables[3][:, :, None],
+            tables[4][:, :, None],
+            tables[5][:, :, None],
+            tables[6][:, :, None],
+            tables[7][:, :, None],
+        )
+        words = gl.load(words_ptrs + step * 32)
+        for q in gl.static_range(4):
+            sub_step = (step - first) * 4 + q
+            if q < 3:
+                next_words = gl.load(words_ptrs + step * 32 + (q + 1) * 2)
+            # This sub-step's copy has landed, and every warpgroup is done
+            # with the tile the next copy overwrites (two sub-steps ago).
+            async_copy.wait_group(AHEAD - 1)
+            fence_async_shared()
+            _barrier()
+            later = sub_step + AHEAD
+            if later < sub_steps:
+                _copy_async(
+                    ring.index(later % RING),
+                    x_ptrs + (later // 4) * STEP_COLUMNS + (later % 4) * 16,
+                    mask=x_mask,
+                )
+            async_copy.commit_group()
+            operand = _operand(words, tables, operand_layout)
+            tile = ring.index(sub_step % RING).permute((1, 0))
+            acc = warpgroup_mma(operand, tile, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if q < 3:
+                words = next_words
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    out_rows = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+    out_tokens = pid_m * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+    out_mask = (out_rows[:, None] < N) & (out_tokens[None, :] < M)
+    out_ptrs = (
+        out_ptr + out_tokens.to(gl.int64)[None, :] * stride_om + out_rows[:, None]
+    )
+    if SPLIT == 1:
+        gl.store(out_ptrs, acc.to(gl.bfloat16), mask=out_mask)
+    else:
+        # As `fused_4bit._write_tile`: partial sums, and the last program of
+        # the tile adds them in split order.
+        offsets = out_tokens.to(gl.int64)[None, :] * N + out_rows[:, None]
+        gl.store(partial_ptr + pid_k * M * N + offsets, acc, mask=out_mask)
+        _barrier()
+        tile_id = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            total = gl.zeros((ROWS, BLOCK_T), gl.float32, layout=mma)
+            for split in gl.static_range(SPLIT):
+                total += gl.load(
+                    partial_ptr + split * M * N + offsets,
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+            gl.store(out_ptrs, total.to(gl.bfloat16), mask=out_mask)
+            gl.atomic_xchg(arrivals_ptr + tile_id, 0)
+
+
+def ring_tiles(tokens_per_program: int) -> int:
+    """Activation tiles in the ring of a program of that many tokens."""
+    return RING_BYTES // (tokens_per_program * SUB_COLUMNS * 2)
+
+
+def launch_config(tokens: int) -> tuple[int, int]:
+    """Tokens per program and warps (16 weight rows each)."""
+    return (256 if tokens > 128 else 128), 8
+
+
+def supports(weight: MergedWeight, device: torch.device) -> bool:
+    """Whether `matmul` takes this layer on `device`: an sm_90 GPU, steps of
+    256 columns, chunks of 64 in one absmax block."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) == (9, 0)
+        and fused_4bit.supports(weight)
+        and weight.state.shape[1] % STEP_COLUMNS == 0
+    )
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: MergedWeight,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+    tokens_per_program: int | None = None,
+) -> torch.Tensor:
+    """x (M, K) bfloat16 times the merged weight transposed, into `out`
+    (M, N) bfloat16 if given. `split` fixes the ranges of K per tile (by
+    default: enough to fill the GPU once); tokens per program instead of
+    `launch_config`'s are for sweeps."""
+    if x.dtype != torch.bfloat16 or not supports(weight, x.device):
+        raise ValueError(
+            "the warpgroup 4-bit kernel multiplies bfloat16 activations on sm_90 "
+            f"by rows of a multiple of {STEP_COLUMNS} columns in blocks of a "
+            f"multiple of 64, not {x.dtype} by {tuple(weight.state.shape)}"
+        )
+    tokens, columns = x.shape
+    rows = weight.state.shape[0]
+    block_t, num_warps = launch_config(tokens)
+    block_t = tokens_per_program or block_t
+    if out is None:
+        out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
+    if out.stride(1) != 1:
+        raise ValueError(
+            "the warpgroup 4-bit kernel writes an out with unit column stride"
+        )
+    x = x.contiguous()
+    steps = columns // STEP_COLUMNS
+    programs = triton.cdiv(rows, 16 * num_warps) * triton.cdiv(tokens, block_t)
+    if split is None:
+        processors = torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = max(
+            1, min(fused_4bit.MAX_SPLIT, steps, triton.cdiv(processors, programs))
+        )
+    split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
+    wgmma_kernel[
+        (triton.cdiv(rows, 16 * num_warps), triton.cdiv(tokens, block_t), split)
+    ](
+        x,
+        weight.packed.view(torch.int32),
+        weight.state.absmax,
+        weight.table,
+        partial,
+        fused_4bit._arrivals(x.device, programs),
+        out,
+        tokens,
+        rows,
+        columns // 8,
+        columns // weight.state.blocksize,
+        steps,
+        steps_per_split,
+        x.stride(0),
+        out.stride(0),
+        BLOCKSIZE=weight.state.blocksize,
+        BLOCK_T=block_t,
+        RING=ring_tiles(block_t),
+        SPLIT=split,
+        num_warps=num_warps,
+    )
+    return out
