@@ -17,6 +17,10 @@ it, median of the repetitions, in one run:
   `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
   the tensor cores through shared memory, at every batch size;
+- ``wgmma``: `wgmma_4bit.matmul`, the Gluon kernel that decodes into the
+  register operand of Hopper's warpgroup MMA, at every batch size (sm_90
+  only, NaN elsewhere; `matmul` does not run it until it has been checked
+  on a GPU);
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
@@ -48,7 +52,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit, wgmma_4bit
 from vllm.plugins.bitsandbytes import triton_4bit as kernels
 
 # Peak HBM bandwidth by device, from the datasheets: the ceiling of a
@@ -182,6 +186,9 @@ class Layer:
     def fused(self, x):
         return fused_4bit.matmul(x, self.merged)
 
+    def wgmma(self, x):
+        return wgmma_4bit.matmul(x, self.merged)
+
     def triton(self, x):
         merged = self.merged
         weights = kernels.dequantize(
@@ -210,7 +217,17 @@ def relative_error(out, reference):
     return float((out.float() - reference).norm() / reference.norm())
 
 
-SIDES = ("plugin", "fused", "triton", "bnb", "bnb_merged", "bf16", "limit")
+SIDES = ("plugin", "fused", "wgmma", "triton", "bnb", "bnb_merged", "bf16", "limit")
+
+
+def _wgmma_columns(layer, x, reference):
+    """The ``wgmma`` side's time and error, NaN where it does not run."""
+    if not wgmma_4bit.supports(layer.merged, x.device):
+        return {"wgmma_us": float("nan"), "wgmma_rel_err": float("nan")}
+    return {
+        "wgmma_us": graph_us(layer.wgmma, x),
+        "wgmma_rel_err": relative_error(layer.wgmma(x), reference),
+    }
 
 
 def measure_layers(layers, batches):
@@ -232,6 +249,7 @@ def measure_layers(layers, batches):
                 "bf16_us": graph_us(F.linear, x, layer.weight_bf16),
                 "plugin_rel_err": relative_error(layer.plugin(x), reference),
                 "fused_rel_err": relative_error(layer.fused(x), reference),
+                **_wgmma_columns(layer, x, reference),
                 "triton_rel_err": relative_error(layer.triton(x), reference),
                 "bnb_rel_err": relative_error(layer.bnb(x, out), reference),
             }
@@ -502,14 +520,15 @@ def chart(summary, path):
         ("bnb", "bitsandbytes today (per shard)"),
         ("plugin", "plugin on CUDA (one call per merged layer)"),
         ("fused", "fused Triton kernel"),
+        ("wgmma", "warpgroup (Gluon) kernel"),
         ("bf16", "bf16 cuBLAS"),
         ("limit", "HBM limit of the 4-bit bytes"),
     ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.16
+    width = 0.14
     for i, (key, label) in enumerate(series):
         ax.bar(
-            [j + (i - 2) * width for j in range(len(batches))],
+            [j + (i - 2.5) * width for j in range(len(batches))],
             [s[f"{key}_us"] for s in summary],
             width,
             label=label,
@@ -570,7 +589,7 @@ def main(argv=None):
     print(
         "\nµs per decoder layer | "
         + " | ".join(SIDES)
-        + " | plugin/bnb | plugin/bf16 | fused/bf16 | fused/limit"
+        + " | plugin/bnb | plugin/bf16 | fused/bf16 | fused/limit | wgmma/bf16"
     )
     for total in report["decoder_layer"]:
         cells = " | ".join(f"{total[f'{side}_us']:.1f}" for side in SIDES)
@@ -579,7 +598,8 @@ def main(argv=None):
             f"{total['plugin_us'] / total['bnb_us']:.2f} | "
             f"{total['plugin_us'] / total['bf16_us']:.2f} | "
             f"{total['fused_us'] / total['bf16_us']:.2f} | "
-            f"{total['fused_us'] / total['limit_us']:.2f}"
+            f"{total['fused_us'] / total['limit_us']:.2f} | "
+            f"{total['wgmma_us'] / total['bf16_us']:.2f}"
         )
     try:
         chart(report["decoder_layer"], args.out / "gpu_4bit.png")

@@ -19,7 +19,9 @@ the compiler is made to prove (`assert_trivial`).
 
 Gluon kernels are compiled for a GPU; Triton's interpreter cannot run them,
 so the CPU checks compile this kernel for sm_90 and inspect the machine
-code, and the GPU checks compare it with bitsandbytes.
+code, and the GPU checks compare it with bitsandbytes. Until those GPU
+checks have run, `triton_4bit.matmul` does not call it;
+`benchmarks/gpu_4bit.py` times it as its ``wgmma`` side.
 """
 
 import torch
