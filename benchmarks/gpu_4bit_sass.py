@@ -140,7 +140,7 @@ def compile_wgmma(arch, tokens, split):
     compiled = _compile(
         kernel, signature, constants, arch, num_warps, 1, source_type=GluonASTSource
     )
-    return compiled, 16 * num_warps * wgmma_4bit.STEP_COLUMNS.value / (32 * num_warps)
+    return compiled, 16 * num_warps * wgmma_4bit.STEP_COLUMNS / (32 * num_warps)
 
 
 def main_loop(sass):

@@ -559,6 +559,15 @@ def wgmma_layers(layers):
                 wgmma_4bit.matmul(x, layer.merged)
 
 
+def test_wgmma_refuses_what_it_does_not_multiply(layers):
+    """float16 activations, or any device but an sm_90 GPU, are an error,
+    not a misread."""
+    layer = layers[0]
+    x = random_input(256, layer.reference.shape[1], seed=0)
+    with pytest.raises(ValueError, match="bfloat16 activations on sm_90"):
+        wgmma_4bit.matmul(x.half(), layer.merged)
+
+
 @on_hopper
 @pytest.mark.parametrize("split", FUSED_SPLITS)
 @pytest.mark.parametrize("tokens", WGMMA_BATCHES)

@@ -51,9 +51,12 @@ _copy_async = getattr(async_copy, "async_load", None) or (
 # `barrier` in later releases.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 # Columns per step: 4 chunks of 64, one per lane of a row.
-STEP_COLUMNS = gl.constexpr(256)
+STEP_COLUMNS = 256
 # Columns per sub-step: one `warpgroup_mma` of 4 k16 slices.
-SUB_COLUMNS = gl.constexpr(64)
+SUB_COLUMNS = 64
+# The same two, as the kernel reads them.
+_STEP_COLUMNS = gl.constexpr(STEP_COLUMNS)
+_SUB_COLUMNS = gl.constexpr(SUB_COLUMNS)
 # Shared memory for the ring of activation tiles, within the 227 KiB a
 # program may take on sm_90.
 RING_BYTES = 192 * 1024
@@ -198,7 +201,7 @@ def wgmma_kernel(
     gather: gl.constexpr = _gather_layout(BLOCK_T, num_warps)
     ring = gl.allocate_shared_memory(
         gl.bfloat16,
-        [RING, BLOCK_T, SUB_COLUMNS],
+        [RING, BLOCK_T, _SUB_COLUMNS],
         gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
     )
     tokens = pid_m * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gather))
@@ -216,7 +219,7 @@ def wgmma_kernel(
     x_ptrs = (
         x_ptr
         + gl.minimum(tokens, M - 1).to(gl.int64)[:, None] * stride_xm
-        + (first * STEP_COLUMNS + sources)[None, :]
+        + (first * _STEP_COLUMNS + sources)[None, :]
     )
     x_mask = token_mask[:, None] & (slots[None, :] < 64)
 
@@ -226,7 +229,7 @@ def wgmma_kernel(
         if ahead < sub_steps:
             _copy_async(
                 ring.index(ahead),
-                x_ptrs + (ahead // 4) * STEP_COLUMNS + (ahead % 4) * 16,
+                x_ptrs + (ahead // 4) * _STEP_COLUMNS + (ahead % 4) * 16,
                 mask=x_mask,
             )
         async_copy.commit_group()
@@ -234,7 +237,7 @@ def wgmma_kernel(
     acc = gl.zeros((ROWS, BLOCK_T), gl.float32, layout=mma)
     for step in range(first, last):
         tables = _tables(
-            gl.load(absmax_ptrs + step * STEP_COLUMNS // BLOCKSIZE), codes_ptr
+            gl.load(absmax_ptrs + step * _STEP_COLUMNS // BLOCKSIZE), codes_ptr
         )
         tables = (
             tables[0][:, :, None],
@@ -260,7 +263,7 @@ def wgmma_kernel(
             if later < sub_steps:
                 _copy_async(
                     ring.index(later % RING),
-                    x_ptrs + (later // 4) * STEP_COLUMNS + (later % 4) * 16,
+                    x_ptrs + (later // 4) * _STEP_COLUMNS + (later % 4) * 16,
                     mask=x_mask,
                 )
             async_copy.commit_group()
