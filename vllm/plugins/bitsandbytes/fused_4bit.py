@@ -237,12 +237,16 @@ def launch_config(tokens: int, columns: int) -> tuple[int, int, int]:
     return block_m, chunks, 2 if block_m == 64 else 3
 
 
-def _split_for(device: torch.device, programs: int, steps: int) -> int:
-    """Ranges of K per tile: enough programs to fill the GPU twice over."""
+def _split_for(
+    device: torch.device, programs: int, steps: int, per_processor: int = 2
+) -> int:
+    """Ranges of K per tile: enough programs to fill the GPU with
+    `per_processor` programs per multiprocessor."""
     if device.type != "cuda":
         return 1
     processors = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(MAX_SPLIT, steps, triton.cdiv(2 * processors, programs)))
+    slots = per_processor * processors
+    return max(1, min(MAX_SPLIT, steps, triton.cdiv(slots, programs)))
 
 
 def split_k(

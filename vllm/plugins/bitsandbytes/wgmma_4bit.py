@@ -356,10 +356,9 @@ def matmul(
     steps = columns // STEP_COLUMNS
     programs = triton.cdiv(rows, 16 * num_warps) * triton.cdiv(tokens, block_t)
     if split is None:
-        processors = torch.cuda.get_device_properties(x.device).multi_processor_count
-        split = max(
-            1, min(fused_4bit.MAX_SPLIT, steps, triton.cdiv(processors, programs))
-        )
+        # One program per multiprocessor: the ring takes most of its
+        # shared memory.
+        split = fused_4bit._split_for(x.device, programs, steps, per_processor=1)
     split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
     wgmma_kernel[
         (triton.cdiv(rows, 16 * num_warps), triton.cdiv(tokens, block_t), split)
