@@ -592,15 +592,15 @@ def test_wgmma_multiplies_by_the_exact_weights(layers, tokens_per_program):
 
 @on_hopper
 def test_wgmma_replays_in_a_cuda_graph(layers):
-    layer = next(wgmma_layers(layers))
-    x = random_input(256, layer.reference.shape[1], seed=3)
-    wgmma_4bit.matmul(x, layer.merged)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = wgmma_4bit.matmul(x, layer.merged)
-    x.copy_(random_input(256, layer.reference.shape[1], seed=4))
-    graph.replay()
-    assert torch.equal(captured, wgmma_4bit.matmul(x, layer.merged))
+    for layer in wgmma_layers(layers):
+        x = random_input(256, layer.reference.shape[1], seed=3)
+        wgmma_4bit.matmul(x, layer.merged)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = wgmma_4bit.matmul(x, layer.merged)
+        x.copy_(random_input(256, layer.reference.shape[1], seed=4))
+        graph.replay()
+        assert torch.equal(captured, wgmma_4bit.matmul(x, layer.merged))
 
 
 def one_hot_rows(tokens, columns):

@@ -11,9 +11,12 @@ the layer instead of one per shard.
 From 1 to 16 tokens `fragment_4bit` decodes in registers straight into
 the tensor cores' operands. From 17 to 128 tokens the fused kernel of
 `fused_4bit` decodes in registers and multiplies on the tensor cores
-through shared memory. Beyond, a Triton kernel decodes the whole layer once
-and cuBLAS multiplies, as vLLM's AWQ path does for large batches. All three
-decode with `decode_pairs` (byte permutes on a per-block table, about 2.6
+through shared memory. From 129 to 256 tokens on sm_90 (H100, H200),
+layers whose rows fill the GPU (gate/up) go to `wgmma_4bit`, which decodes
+into the register operand of asynchronous warpgroup MMAs. Beyond, and for
+the other layers, a Triton kernel decodes the whole layer once and cuBLAS
+multiplies, as vLLM's AWQ path does for large batches. All four decode
+with `decode_pairs` (byte permutes on a per-block table, about 2.6
 instructions per weight, where a table load per weight costs 11 to 15), so
 they multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s
 weights (code value times block absmax in float32, rounded to bfloat16).
@@ -23,7 +26,8 @@ models, run bitsandbytes' own `matmul_4bit` for few tokens.
 The fused-MoE method (`moe.py`) decodes experts with the same kernel, only
 those its tokens are routed to (`compact_routing`).
 
-The module imports only torch, triton and bitsandbytes, so it is checked on
+The module imports only torch, triton and bitsandbytes (Gluon, for
+`wgmma_4bit`, only where triton has it), so it is checked on
 a CPU under `TRITON_INTERPRET=1` and timed on a GPU without vLLM.
 """
 
@@ -40,6 +44,10 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # path where `fragment_4bit` does not take the layer; above, decode once and
 # cuBLAS (GPU measurements in docs/benchmarks.md, section 5).
 FUSED_TOKENS = (2, 128)
+# The token counts for which `wgmma_4bit` (sm_90 only) beats decoding once
+# and cuBLAS, in layers it fills the GPU with: one program of tokens, so
+# each weight is decoded once (docs/benchmarks.md, section 5).
+WGMMA_TOKENS = (129, 256)
 # Where the fused kernel does not apply (blocks of 32, float16 activations):
 # below this many tokens bitsandbytes' kernels are faster.
 MIN_TRITON_TOKENS = 4
@@ -392,6 +400,16 @@ def merge_shards(packed: torch.Tensor, states: list[Any]) -> MergedWeight | None
     )
 
 
+@functools.cache
+def _warpgroup_kernels():
+    """`wgmma_4bit`, or None with a triton that has no Gluon."""
+    try:
+        from vllm.plugins.bitsandbytes import wgmma_4bit
+    except ImportError:
+        return None
+    return wgmma_4bit
+
+
 def matmul(
     x: torch.Tensor, weight: MergedWeight, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -412,6 +430,14 @@ def matmul(
         and fused_4bit.supports(weight)
     ):
         return fused_4bit.matmul(x, weight, out=out)
+    if WGMMA_TOKENS[0] <= tokens <= WGMMA_TOKENS[1] and x.dtype == torch.bfloat16:
+        wgmma_4bit = _warpgroup_kernels()
+        if (
+            wgmma_4bit is not None
+            and wgmma_4bit.supports(weight, x.device)
+            and wgmma_4bit.fills_the_gpu(weight, tokens, x.device)
+        ):
+            return wgmma_4bit.matmul(x, weight, out=out)
     if tokens < MIN_TRITON_TOKENS:
         from bitsandbytes import matmul_4bit
 

@@ -10,18 +10,22 @@ A warpgroup's register operand gives lane 4g + t rows g and g + 8 of its
 warp's 16 and, in each k16 slice, the k slots 2t, 2t + 1, 2t + 8, 2t + 9.
 As in `fragment_4bit`, the k slots of a lane are made to be its own chunk
 of 64 columns (one absmax block, one decode table): slot 16s + 8h + 2t + e
-of a step of 256 holds column 64t + 4s + 2h + e. The activations are
-gathered into shared memory in that order (4-byte `cp.async` copies, so x
-is read as it is), and the weights are decoded by `triton_4bit`'s byte
-permutes, exactly `dequantize_4bit`'s values, straight into the operand's
-registers: the only layout conversion is a renaming of registers, which
-the compiler is made to prove (`assert_trivial`).
+of sub-step q of a step of 256 holds column 64t + 16q + 4s + 2h + e. One
+pass over x puts the activations in that order (`slot_order`), so that
+16-byte `cp.async` copies fill the shared-memory tiles (gathering from x as
+it is takes 4-byte copies, each in its own 32-byte sector: on an H100,
+gate/up at 256 tokens took 8 times as long as with x reordered first).
+The weights are decoded by `triton_4bit`'s byte permutes, exactly
+`dequantize_4bit`'s values, straight into the operand's registers: the
+only layout conversion is a renaming of registers, which the compiler is
+made to prove (`assert_trivial`).
 
 Gluon kernels are compiled for a GPU; Triton's interpreter cannot run them,
 so the CPU checks compile this kernel for sm_90 and inspect the machine
-code, and the GPU checks compare it with bitsandbytes. Until those GPU
-checks have run, `triton_4bit.matmul` does not call it;
-`benchmarks/gpu_4bit.py` times it as its ``wgmma`` side.
+code, and the GPU checks compare it with bitsandbytes. `triton_4bit.matmul`
+calls it where it was measured to win: one tile of up to 256 tokens, in
+layers with enough rows to fill the GPU without splitting K (gate/up);
+`benchmarks/gpu_4bit.py` times it at every batch as its ``wgmma`` side.
 """
 
 import torch
@@ -74,14 +78,14 @@ def _word_layout(rows, words):
 
 
 @gluon.constexpr_function
-def _gather_layout(tokens, warps):
-    """(tokens, 64 slots) of a sub-step's activations: each lane copies the
-    pairs of slots of one t (so 8 tokens' lanes write 32 different banks),
-    warps and then registers take the other tokens."""
-    registers = [[0, 1], [0, 8], [0, 16], [0, 32]]
-    lanes = [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
-    warp_bases = [[8 << b, 0] for b in range(warps.bit_length() - 1)]
-    covered = 8 * warps
+def _copy_layout(tokens, warps):
+    """(tokens, 64 slots) of a sub-step's activations, 16-byte copies: 8
+    lanes take one token's 128 bytes, warps and then registers the other
+    tokens."""
+    registers = [[0, 1], [0, 2], [0, 4]]
+    lanes = [[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]]
+    warp_bases = [[4 << b, 0] for b in range(warps.bit_length() - 1)]
+    covered = 4 * warps
     while covered < tokens:
         registers.append([covered, 0])
         covered *= 2
@@ -198,30 +202,20 @@ def wgmma_kernel(
         absmax_ptr + rows[:, None] * K_BLOCKS + (64 * chunks)[None, :] // BLOCKSIZE
     )
 
-    gather: gl.constexpr = _gather_layout(BLOCK_T, num_warps)
+    copies: gl.constexpr = _copy_layout(BLOCK_T, num_warps)
     ring = gl.allocate_shared_memory(
         gl.bfloat16,
         [RING, BLOCK_T, _SUB_COLUMNS],
         gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
     )
-    tokens = pid_m * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, gather))
-    token_mask = tokens < M
-    slots = gl.arange(0, 64, layout=gl.SliceLayout(0, gather))
-    # Slot 16 s + 8 h + 2 t + e of sub-step q reads column 64 t + 16 q +
-    # 4 s + 2 h + e of the step.
-    sources = (
-        64 * ((slots >> 1) & 3)
-        + 4 * (slots >> 4)
-        + 2 * ((slots >> 3) & 1)
-        + (slots & 1)
-    )
-    sources = gl.max_contiguous(gl.multiple_of(sources, 2), 2)
+    tokens = pid_m * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, copies))
+    slots = gl.arange(0, _SUB_COLUMNS, layout=gl.SliceLayout(0, copies))
     x_ptrs = (
         x_ptr
         + gl.minimum(tokens, M - 1).to(gl.int64)[:, None] * stride_xm
-        + (first * _STEP_COLUMNS + sources)[None, :]
+        + (first * _STEP_COLUMNS + slots)[None, :]
     )
-    x_mask = token_mask[:, None] & (slots[None, :] < 64)
+    x_mask = (tokens < M)[:, None] & (slots[None, :] < _SUB_COLUMNS)
 
     AHEAD: gl.constexpr = RING - 2
     sub_steps = (last - first) * 4
@@ -229,7 +223,7 @@ def wgmma_kernel(
         if ahead < sub_steps:
             _copy_async(
                 ring.index(ahead),
-                x_ptrs + (ahead // 4) * _STEP_COLUMNS + (ahead % 4) * 16,
+                x_ptrs + ahead * _SUB_COLUMNS,
                 mask=x_mask,
             )
         async_copy.commit_group()
@@ -263,7 +257,7 @@ def wgmma_kernel(
             if later < sub_steps:
                 _copy_async(
                     ring.index(later % RING),
-                    x_ptrs + (later // 4) * _STEP_COLUMNS + (later % 4) * 16,
+                    x_ptrs + later * _SUB_COLUMNS,
                     mask=x_mask,
                 )
             async_copy.commit_group()
@@ -304,6 +298,17 @@ def wgmma_kernel(
             gl.atomic_xchg(arrivals_ptr + tile_id, 0)
 
 
+def slot_order(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x (M, K) whose columns are in the order of the kernel's k
+    slots: in each step of 256 columns, sub-step q's slot 16 s + 8 h + 2 t
+    + e holds column 64 t + 16 q + 4 s + 2 h + e. One pass over x lets the
+    kernel copy its activations 16 bytes at a time."""
+    tokens, columns = x.shape
+    # (tokens, step, t, q, s, h, e) -> (tokens, step, q, s, h, t, e)
+    chunks = x.reshape(tokens, columns // STEP_COLUMNS, 4, 4, 4, 2, 2)
+    return chunks.permute(0, 1, 3, 4, 5, 2, 6).reshape(tokens, columns)
+
+
 def ring_tiles(tokens_per_program: int) -> int:
     """Activation tiles in the ring of a program of that many tokens."""
     return RING_BYTES // (tokens_per_program * SUB_COLUMNS * 2)
@@ -323,6 +328,18 @@ def supports(weight: MergedWeight, device: torch.device) -> bool:
         and fused_4bit.supports(weight)
         and weight.state.shape[1] % STEP_COLUMNS == 0
     )
+
+
+def fills_the_gpu(weight: MergedWeight, tokens: int, device: torch.device) -> bool:
+    """Whether the programs of `launch_config` cover every multiprocessor
+    without splitting K. Split, the kernel lost to decoding once and cuBLAS
+    on an H100 (docs/benchmarks.md, section 5): each range of K writes and
+    reads back a float32 tile of 128 rows by up to 256 tokens."""
+    block_t, num_warps = launch_config(tokens)
+    programs = triton.cdiv(weight.state.shape[0], 16 * num_warps) * triton.cdiv(
+        tokens, block_t
+    )
+    return programs >= torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def matmul(
@@ -352,7 +369,7 @@ def matmul(
         raise ValueError(
             "the warpgroup 4-bit kernel writes an out with unit column stride"
         )
-    x = x.contiguous()
+    x = slot_order(x)
     steps = columns // STEP_COLUMNS
     programs = triton.cdiv(rows, 16 * num_warps) * triton.cdiv(tokens, block_t)
     if split is None:
