@@ -14,13 +14,13 @@ it, median of the repetitions, in one run:
 
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
   per merged layer, `fragment_4bit` up to 16 tokens, the fused kernel up to
-  `FUSED_TOKENS`, the Triton dequantization and cuBLAS beyond;
+  `FUSED_TOKENS`, `wgmma_4bit` within `WGMMA_TOKENS` for layers it fills an
+  sm_90 GPU with, the Triton dequantization and cuBLAS otherwise;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
   the tensor cores through shared memory, at every batch size;
 - ``wgmma``: `wgmma_4bit.matmul`, the Gluon kernel that decodes into the
-  register operand of Hopper's warpgroup MMA, at every batch size (sm_90
-  only, NaN elsewhere; `matmul` does not run it until it has been checked
-  on a GPU);
+  register operand of Hopper's warpgroup MMA, for every layer at every
+  batch size (sm_90 only, NaN elsewhere);
 - ``triton``: the Triton dequantization and cuBLAS at every batch size;
 - ``bnb``: today's path in vLLM 0.27.1, vllm-bnb-plugin and the fork's CPU
   path: one bitsandbytes ``matmul_4bit`` per shard;
