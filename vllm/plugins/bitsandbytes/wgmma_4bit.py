@@ -330,16 +330,21 @@ def supports(weight: MergedWeight, device: torch.device) -> bool:
     )
 
 
+def _tiles(rows: int, tokens: int, block_t: int, num_warps: int) -> tuple[int, int]:
+    """Programs along the rows and along the tokens, one tile each."""
+    return triton.cdiv(rows, 16 * num_warps), triton.cdiv(tokens, block_t)
+
+
 def fills_the_gpu(weight: MergedWeight, tokens: int, device: torch.device) -> bool:
-    """Whether the programs of `launch_config` cover every multiprocessor
+    """Whether the tiles of `launch_config` cover every multiprocessor
     without splitting K. Split, the kernel lost to decoding once and cuBLAS
     on an H100 (docs/benchmarks.md, section 5): each range of K writes and
     reads back a float32 tile of 128 rows by up to 256 tokens."""
-    block_t, num_warps = launch_config(tokens)
-    programs = triton.cdiv(weight.state.shape[0], 16 * num_warps) * triton.cdiv(
-        tokens, block_t
+    row_tiles, token_tiles = _tiles(
+        weight.state.shape[0], tokens, *launch_config(tokens)
     )
-    return programs >= torch.cuda.get_device_properties(device).multi_processor_count
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    return row_tiles * token_tiles >= processors
 
 
 def matmul(
@@ -371,15 +376,14 @@ def matmul(
         )
     x = slot_order(x)
     steps = columns // STEP_COLUMNS
-    programs = triton.cdiv(rows, 16 * num_warps) * triton.cdiv(tokens, block_t)
+    row_tiles, token_tiles = _tiles(rows, tokens, block_t, num_warps)
+    programs = row_tiles * token_tiles
     if split is None:
         # One program per multiprocessor: the ring takes most of its
         # shared memory.
         split = fused_4bit._split_for(x.device, programs, steps, per_processor=1)
     split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
-    wgmma_kernel[
-        (triton.cdiv(rows, 16 * num_warps), triton.cdiv(tokens, block_t), split)
-    ](
+    wgmma_kernel[(row_tiles, token_tiles, split)](
         x,
         weight.packed.view(torch.int32),
         weight.state.absmax,
