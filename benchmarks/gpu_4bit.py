@@ -13,9 +13,9 @@ call captured in a CUDA graph (as vLLM runs decode) and timed by replaying
 it, median of the repetitions, in one run:
 
 - ``plugin``: what the plugin runs on CUDA, `triton_4bit.matmul`: one call
-  per merged layer, `fragment_4bit` up to 16 tokens, the fused kernel up to
-  `FUSED_TOKENS`, `wgmma_4bit` within `WGMMA_TOKENS` for layers it fills an
-  sm_90 GPU with, the Triton dequantization and cuBLAS otherwise;
+  per merged layer, `fragment_4bit` up to 16 tokens, `wgmma_4bit` within
+  `WGMMA_TOKENS` on sm_90, the fused kernel up to `FUSED_TOKENS`, the
+  Triton dequantization and cuBLAS otherwise;
 - ``fused``: `fused_4bit.matmul`, decoding in registers and multiplying on
   the tensor cores through shared memory, at every batch size;
 - ``wgmma``: `wgmma_4bit.matmul`, the Gluon kernel that decodes into the

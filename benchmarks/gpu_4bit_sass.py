@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
-from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit
+from vllm.plugins.bitsandbytes import fragment_4bit, fused_4bit, wgmma_4bit
 
 SIGNATURE = {
     "x_ptr": "*bf16",
@@ -60,7 +60,14 @@ COLUMNS = 4096
 
 
 def _compile(
-    kernel, signature, constants, arch, num_warps, num_stages, source_type=ASTSource
+    kernel,
+    signature,
+    constants,
+    arch,
+    num_warps,
+    num_stages,
+    source_type=ASTSource,
+    **options,
 ):
     """`kernel` compiled for sm_`arch` as a launch at Llama-3-8B shapes sees
     it: 16-byte aligned pointers, DIVISIBLE_BY_16 integers divisible by 16."""
@@ -73,7 +80,7 @@ def _compile(
     source = source_type(
         fn=kernel, signature=signature, constexprs=constants, attrs=attrs
     )
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options.update(num_warps=num_warps, num_stages=num_stages)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -119,26 +126,32 @@ def compile_fragment(arch, tokens, split):
     return compiled, rows * 256 / (32 * num_warps)
 
 
-def compile_wgmma(arch, tokens, split):
-    """`wgmma_4bit.wgmma_kernel` as `wgmma_4bit.matmul` launches it for
-    `tokens` tokens, and the weights per thread of one step of its loop."""
+def compile_wgmma(arch, config, split):
+    """`wgmma_4bit.wgmma_kernel` as `wgmma_4bit.matmul` launches it with
+    `config` (tokens per program, warps, programs per multiprocessor), and
+    the weights per thread of one step of its loop."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from vllm.plugins.bitsandbytes import wgmma_4bit
-
-    block_t, num_warps = wgmma_4bit.launch_config(tokens)
+    block_t, num_warps, per_processor = config
     kernel = wgmma_4bit.wgmma_kernel
     types = {**SIGNATURE, "x_ptr": "*bf16"}
     signature = {name: types[name] for name in kernel.arg_names if name in types}
     constants = {
         "BLOCKSIZE": 64,
         "BLOCK_T": block_t,
-        "RING": wgmma_4bit.ring_tiles(block_t),
+        "RING": wgmma_4bit.ring_tiles(block_t, per_processor),
         "SPLIT": split,
         "num_warps": num_warps,
     }
     compiled = _compile(
-        kernel, signature, constants, arch, num_warps, 1, source_type=GluonASTSource
+        kernel,
+        signature,
+        constants,
+        arch,
+        num_warps,
+        1,
+        source_type=GluonASTSource,
+        maxnreg=wgmma_4bit.max_registers(num_warps, per_processor),
     )
     return compiled, 16 * num_warps * wgmma_4bit.STEP_COLUMNS / (32 * num_warps)
 
@@ -177,10 +190,13 @@ def main(argv=None):
         (f"fragment, {tokens} tokens", compile_fragment(args.arch, tokens, 5))
         for tokens in (8, 16)
     ]
-    # Split, as all but the largest layers get it (the main loop is the same).
+    # Split (the main loop is the same).
     kernels += [
-        (f"wgmma, {tokens} tokens", compile_wgmma(args.arch, tokens, 2))
-        for tokens in (256, 128)
+        (
+            f"wgmma, {config[0]} tokens, {config[1]} warps",
+            compile_wgmma(args.arch, config, 2),
+        )
+        for config in (wgmma_4bit.WIDE, wgmma_4bit.NARROW)
     ]
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))

@@ -220,7 +220,7 @@ if ON_GPU:
     SHAPES = [([4096, 1024, 1024], 4096), ([4096], 4096), ([14336] * 2, 4096)]
     SHAPES.append(([4096], 14336))
     FRAGMENT_SHAPES = SHAPES
-    TRITON_BATCHES = [2, 4, 16, 17, 64, 128, 129, 256]
+    TRITON_BATCHES = [2, 4, 16, 17, 64, 65, 96, 128, 129, 256]
     FUSED_BATCHES = [1, 2, 4, 16, 17, 64, 256]
     # (None: as many ranges of K as fill the GPU)
     FUSED_SPLITS = [None, 1]
@@ -545,7 +545,7 @@ on_hopper = pytest.mark.skipif(
     not ON_GPU or torch.cuda.get_device_capability() != (9, 0),
     reason="the warpgroup kernel runs on sm_90 GPUs only",
 )
-WGMMA_BATCHES = [129, 200, 256, 300, 512]
+WGMMA_BATCHES = [65, 96, 128, 129, 200, 256, 300, 512]
 
 
 def wgmma_layers(layers):
@@ -579,26 +579,28 @@ def test_wgmma_matches_float32_reference(layers, tokens, split):
 
 
 @on_hopper
-@pytest.mark.parametrize("tokens_per_program", [128, 256])
-def test_wgmma_multiplies_by_the_exact_weights(layers, tokens_per_program):
+@pytest.mark.parametrize("split", [None, 2])
+@pytest.mark.parametrize("config", [wgmma_4bit.WIDE, wgmma_4bit.NARROW], ids=str)
+def test_wgmma_multiplies_by_the_exact_weights(layers, config, split):
     """One-hot rows of x pick single weights: every slot of the gathered
     activations and of the decoded operand lands where the other expects
     it, or some product is another weight."""
     for layer in wgmma_layers(layers):
         x, picked = one_hot_rows(300, layer.reference.shape[1])
-        out = wgmma_4bit.matmul(x, layer.merged, tokens_per_program=tokens_per_program)
+        out = wgmma_4bit.matmul(x, layer.merged, split=split, config=config)
         assert torch.equal(out, layer.reference[:, picked].T)
 
 
 @on_hopper
-def test_wgmma_replays_in_a_cuda_graph(layers):
+@pytest.mark.parametrize("tokens", [128, 256])
+def test_wgmma_replays_in_a_cuda_graph(layers, tokens):
     for layer in wgmma_layers(layers):
-        x = random_input(256, layer.reference.shape[1], seed=3)
+        x = random_input(tokens, layer.reference.shape[1], seed=3)
         wgmma_4bit.matmul(x, layer.merged)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = wgmma_4bit.matmul(x, layer.merged)
-        x.copy_(random_input(256, layer.reference.shape[1], seed=4))
+        x.copy_(random_input(tokens, layer.reference.shape[1], seed=4))
         graph.replay()
         assert torch.equal(captured, wgmma_4bit.matmul(x, layer.merged))
 

@@ -11,11 +11,10 @@ the layer instead of one per shard.
 From 1 to 16 tokens `fragment_4bit` decodes in registers straight into
 the tensor cores' operands. From 17 to 128 tokens the fused kernel of
 `fused_4bit` decodes in registers and multiplies on the tensor cores
-through shared memory. From 129 to 256 tokens on sm_90 (H100, H200),
-layers whose rows fill the GPU (gate/up) go to `wgmma_4bit`, which decodes
-into the register operand of asynchronous warpgroup MMAs. Beyond, and for
-the other layers, a Triton kernel decodes the whole layer once and cuBLAS
-multiplies, as vLLM's AWQ path does for large batches. All four decode
+through shared memory; on sm_90 (H100, H200), from 65 to 256 tokens,
+`wgmma_4bit` decodes into the register operand of asynchronous warpgroup
+MMAs instead. Beyond, a Triton kernel decodes the whole layer once and
+cuBLAS multiplies, as vLLM's AWQ path does for large batches. All four decode
 with `decode_pairs` (byte permutes on a per-block table, about 2.6
 instructions per weight, where a table load per weight costs 11 to 15), so
 they multiply by exactly `bitsandbytes.functional.dequantize_4bit`'s
@@ -44,10 +43,9 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # path where `fragment_4bit` does not take the layer; above, decode once and
 # cuBLAS (GPU measurements in docs/benchmarks.md, section 5).
 FUSED_TOKENS = (2, 128)
-# The token counts for which `wgmma_4bit` (sm_90 only) beats decoding once
-# and cuBLAS, in layers it fills the GPU with: one program of tokens, so
-# each weight is decoded once (docs/benchmarks.md, section 5).
-WGMMA_TOKENS = (129, 256)
+# The token counts for which `wgmma_4bit` (sm_90 only) beats the fused
+# kernel and decoding once and cuBLAS (docs/benchmarks.md, section 5).
+WGMMA_TOKENS = (65, 256)
 # Where the fused kernel does not apply (blocks of 32, float16 activations):
 # below this many tokens bitsandbytes' kernels are faster.
 MIN_TRITON_TOKENS = 4
@@ -424,20 +422,16 @@ def matmul(
         and fragment_4bit.supports(weight)
     ):
         return fragment_4bit.matmul(x, weight, out=out)
+    if WGMMA_TOKENS[0] <= tokens <= WGMMA_TOKENS[1] and x.dtype == torch.bfloat16:
+        wgmma_4bit = _warpgroup_kernels()
+        if wgmma_4bit is not None and wgmma_4bit.supports(weight, x.device):
+            return wgmma_4bit.matmul(x, weight, out=out)
     if (
         FUSED_TOKENS[0] <= tokens <= FUSED_TOKENS[1]
         and x.dtype == torch.bfloat16
         and fused_4bit.supports(weight)
     ):
         return fused_4bit.matmul(x, weight, out=out)
-    if WGMMA_TOKENS[0] <= tokens <= WGMMA_TOKENS[1] and x.dtype == torch.bfloat16:
-        wgmma_4bit = _warpgroup_kernels()
-        if (
-            wgmma_4bit is not None
-            and wgmma_4bit.supports(weight, x.device)
-            and wgmma_4bit.fills_the_gpu(weight, tokens, x.device)
-        ):
-            return wgmma_4bit.matmul(x, weight, out=out)
     if tokens < MIN_TRITON_TOKENS:
         from bitsandbytes import matmul_4bit
 

@@ -23,9 +23,12 @@ made to prove (`assert_trivial`).
 Gluon kernels are compiled for a GPU; Triton's interpreter cannot run them,
 so the CPU checks compile this kernel for sm_90 and inspect the machine
 code, and the GPU checks compare it with bitsandbytes. `triton_4bit.matmul`
-calls it where it was measured to win: one tile of up to 256 tokens, in
-layers with enough rows to fill the GPU without splitting K (gate/up);
-`benchmarks/gpu_4bit.py` times it at every batch as its ``wgmma`` side.
+calls it from 65 to 256 tokens, where it was measured to beat the fused
+kernel and decoding once: programs of 256 tokens and 128 rows, one per
+multiprocessor, where they fill the GPU (gate/up: each weight decoded
+once), else programs of 128 tokens and 64 rows, two per multiprocessor
+(`launch_config`); `benchmarks/gpu_4bit.py` times it at every batch as its
+``wgmma`` side.
 """
 
 import torch
@@ -61,9 +64,17 @@ SUB_COLUMNS = 64
 # The same two, as the kernel reads them.
 _STEP_COLUMNS = gl.constexpr(STEP_COLUMNS)
 _SUB_COLUMNS = gl.constexpr(SUB_COLUMNS)
-# Shared memory for the ring of activation tiles, within the 227 KiB a
-# program may take on sm_90.
+# Shared memory for the rings of activation tiles of one multiprocessor,
+# within the 228 KiB of an sm_90 multiprocessor (227 KiB per program).
 RING_BYTES = 192 * 1024
+# Registers of one multiprocessor.
+_REGISTERS = 64 * 1024
+# Launch configurations: tokens per program, warps, programs per
+# multiprocessor (`launch_config`).
+WIDE = (256, 8, 1)
+NARROW = (128, 4, 2)
+# The fewest steps of a range of K when the kernel splits K.
+MIN_SPLIT_STEPS = 8
 
 
 @gluon.constexpr_function
@@ -247,12 +258,16 @@ def wgmma_kernel(
         for q in gl.static_range(4):
             sub_step = (step - first) * 4 + q
             if q < 3:
-                next_words = gl.load(words_ptrs + step * 32 + (q + 1) * 2)
-            # This sub-step's copy has landed, and every warpgroup is done
-            # with the tile the next copy overwrites (two sub-steps ago).
+                sub_step_words = gl.load(words_ptrs + step * 32 + (q + 1) * 2)
+            # This thread's copies of the sub-step have landed. Past the
+            # barrier the compiler puts after the wait, every warpgroup is
+            # done with the tile the next copy overwrites (two sub-steps
+            # ago); past the one after the copy, every thread's fenced
+            # copies are visible to the tensor cores. Issued between them,
+            # the copy needs no barrier of its own before the `wgmma` (two
+            # per sub-step instead of three with triton 3.6).
             async_copy.wait_group(AHEAD - 1)
             fence_async_shared()
-            _barrier()
             later = sub_step + AHEAD
             if later < sub_steps:
                 _copy_async(
@@ -261,12 +276,13 @@ def wgmma_kernel(
                     mask=x_mask,
                 )
             async_copy.commit_group()
+            _barrier()
             operand = _operand(words, tables, operand_layout)
             tile = ring.index(sub_step % RING).permute((1, 0))
             acc = warpgroup_mma(operand, tile, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             if q < 3:
-                words = next_words
+                words = sub_step_words
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     out_rows = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
@@ -309,14 +325,16 @@ def slot_order(x: torch.Tensor) -> torch.Tensor:
     return chunks.permute(0, 1, 3, 4, 5, 2, 6).reshape(tokens, columns)
 
 
-def ring_tiles(tokens_per_program: int) -> int:
-    """Activation tiles in the ring of a program of that many tokens."""
-    return RING_BYTES // (tokens_per_program * SUB_COLUMNS * 2)
+def ring_tiles(tokens_per_program: int, per_processor: int) -> int:
+    """Activation tiles in the ring of a program of that many tokens, with
+    `per_processor` programs sharing a multiprocessor."""
+    return RING_BYTES // (per_processor * tokens_per_program * SUB_COLUMNS * 2)
 
 
-def launch_config(tokens: int) -> tuple[int, int]:
-    """Tokens per program and warps (16 weight rows each)."""
-    return (256 if tokens > 128 else 128), 8
+def max_registers(num_warps: int, per_processor: int) -> int:
+    """Registers per thread that let `per_processor` programs share a
+    multiprocessor."""
+    return min(255, _REGISTERS // (per_processor * num_warps * 32))
 
 
 def supports(weight: MergedWeight, device: torch.device) -> bool:
@@ -335,16 +353,33 @@ def _tiles(rows: int, tokens: int, block_t: int, num_warps: int) -> tuple[int, i
     return triton.cdiv(rows, 16 * num_warps), triton.cdiv(tokens, block_t)
 
 
-def fills_the_gpu(weight: MergedWeight, tokens: int, device: torch.device) -> bool:
-    """Whether the tiles of `launch_config` cover every multiprocessor
-    without splitting K. Split, the kernel lost to decoding once and cuBLAS
-    on an H100 (docs/benchmarks.md, section 5): each range of K writes and
-    reads back a float32 tile of 128 rows by up to 256 tokens."""
-    row_tiles, token_tiles = _tiles(
-        weight.state.shape[0], tokens, *launch_config(tokens)
-    )
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
-    return row_tiles * token_tiles >= processors
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(
+    weight: MergedWeight, tokens: int, device: torch.device
+) -> tuple[int, int, int]:
+    """Tokens per program, warps (16 weight rows each) and programs per
+    multiprocessor, the fastest of a sweep on an H100 at Llama-3-8B shapes
+    (docs/benchmarks.md, section 5): `WIDE` where its tiles cover every
+    multiprocessor beyond 128 tokens (gate/up: each weight decoded once),
+    `NARROW` elsewhere (the smaller layers, and every layer up to 128
+    tokens: four times the tiles, two programs to a multiprocessor)."""
+    block_t, num_warps, per_processor = WIDE
+    row_tiles, token_tiles = _tiles(weight.state.shape[0], tokens, block_t, num_warps)
+    fills_the_gpu = row_tiles * token_tiles >= per_processor * _processors(device)
+    return WIDE if tokens > NARROW[0] and fills_the_gpu else NARROW
+
+
+def _split_for(
+    device: torch.device, programs: int, steps: int, per_processor: int
+) -> int:
+    """Ranges of K per tile: as many as the GPU's program slots hold at
+    once, while each keeps `MIN_SPLIT_STEPS` steps (each range writes and
+    reads back a float32 tile)."""
+    slots = per_processor * _processors(device)
+    return max(1, min(slots // programs, steps // MIN_SPLIT_STEPS))
 
 
 def matmul(
@@ -352,12 +387,12 @@ def matmul(
     weight: MergedWeight,
     out: torch.Tensor | None = None,
     split: int | None = None,
-    tokens_per_program: int | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x (M, K) bfloat16 times the merged weight transposed, into `out`
-    (M, N) bfloat16 if given. `split` fixes the ranges of K per tile (by
-    default: enough to fill the GPU once); tokens per program instead of
-    `launch_config`'s are for sweeps."""
+    (M, N) bfloat16 if given. `split` fixes the ranges of K per tile, and
+    `config` the launch instead of `launch_config`'s (for checks and
+    sweeps)."""
     if x.dtype != torch.bfloat16 or not supports(weight, x.device):
         raise ValueError(
             "the warpgroup 4-bit kernel multiplies bfloat16 activations on sm_90 "
@@ -366,8 +401,9 @@ def matmul(
         )
     tokens, columns = x.shape
     rows = weight.state.shape[0]
-    block_t, num_warps = launch_config(tokens)
-    block_t = tokens_per_program or block_t
+    block_t, num_warps, per_processor = config or launch_config(
+        weight, tokens, x.device
+    )
     if out is None:
         out = torch.empty(tokens, rows, dtype=torch.bfloat16, device=x.device)
     if out.stride(1) != 1:
@@ -379,9 +415,7 @@ def matmul(
     row_tiles, token_tiles = _tiles(rows, tokens, block_t, num_warps)
     programs = row_tiles * token_tiles
     if split is None:
-        # One program per multiprocessor: the ring takes most of its
-        # shared memory.
-        split = fused_4bit._split_for(x.device, programs, steps, per_processor=1)
+        split = _split_for(x.device, programs, steps, per_processor)
     split, steps_per_split, partial = fused_4bit.split_k(out, programs, steps, split)
     wgmma_kernel[(row_tiles, token_tiles, split)](
         x,
@@ -401,8 +435,9 @@ def matmul(
         out.stride(0),
         BLOCKSIZE=weight.state.blocksize,
         BLOCK_T=block_t,
-        RING=ring_tiles(block_t),
+        RING=ring_tiles(block_t, per_processor),
         SPLIT=split,
         num_warps=num_warps,
+        maxnreg=max_registers(num_warps, per_processor),
     )
     return out
