@@ -40,8 +40,9 @@ import triton.language as tl
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # The token counts for which the fused kernel (`fused_4bit`) is the fastest
-# path where `fragment_4bit` does not take the layer; above, decode once and
-# cuBLAS (GPU measurements in docs/benchmarks.md, section 5).
+# path where `fragment_4bit` does not take the layer and, on sm_90,
+# `wgmma_4bit` (within `WGMMA_TOKENS`) does not either; above, decode once
+# and cuBLAS (GPU measurements in docs/benchmarks.md, section 5).
 FUSED_TOKENS = (2, 128)
 # The token counts for which `wgmma_4bit` (sm_90 only) beats the fused
 # kernel and decoding once and cuBLAS (docs/benchmarks.md, section 5).
