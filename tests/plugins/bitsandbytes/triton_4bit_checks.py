@@ -463,15 +463,20 @@ def test_matmul_of_no_tokens_is_empty(fragment_layers):
 
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9, 16, 17])
 def test_matmul_takes_the_fragments_up_to_16_tokens(fragment_layers, tokens):
-    """The shipped matmul runs `fragment_4bit` up to 16 tokens and the fused
-    kernel beyond: the same products, bit for bit, and the float32
-    reference's."""
+    """The shipped matmul runs `fragment_4bit` up to 16 tokens and beyond
+    the warpgroup kernel where it takes the layer, else the fused kernel:
+    the same products, bit for bit, and the float32 reference's."""
     for index, layer in enumerate(fragment_layers):
         if not fragment_4bit.supports(layer.merged):
             continue
         x = random_input(tokens, layer.reference.shape[1], seed=index)
         out = kernels.matmul(x, layer.merged)
-        path = fragment_4bit if tokens <= fragment_4bit.MAX_TOKENS else fused_4bit
+        if tokens <= fragment_4bit.MAX_TOKENS:
+            path = fragment_4bit
+        elif wgmma_4bit.supports(layer.merged, x.device):
+            path = wgmma_4bit
+        else:
+            path = fused_4bit
         assert torch.equal(out, path.matmul(x, layer.merged))
         assert_matches_float32_reference(out, x, layer.reference)
 
@@ -545,7 +550,7 @@ on_hopper = pytest.mark.skipif(
     not ON_GPU or torch.cuda.get_device_capability() != (9, 0),
     reason="the warpgroup kernel runs on sm_90 GPUs only",
 )
-WGMMA_BATCHES = [65, 96, 128, 129, 200, 256, 300, 512]
+WGMMA_BATCHES = [17, 33, 64, 65, 96, 128, 129, 200, 256, 300, 512]
 
 
 def wgmma_layers(layers):
@@ -580,7 +585,7 @@ def test_wgmma_matches_float32_reference(layers, tokens, split):
 
 @on_hopper
 @pytest.mark.parametrize("split", [None, 2])
-@pytest.mark.parametrize("config", [wgmma_4bit.WIDE, wgmma_4bit.NARROW], ids=str)
+@pytest.mark.parametrize("config", [wgmma_4bit.WIDE, wgmma_4bit.NARROW, wgmma_4bit.SMALL], ids=str)
 def test_wgmma_multiplies_by_the_exact_weights(layers, config, split):
     """One-hot rows of x pick single weights: every slot of the gathered
     activations and of the decoded operand lands where the other expects

@@ -11,7 +11,7 @@ the layer instead of one per shard.
 From 1 to 16 tokens `fragment_4bit` decodes in registers straight into
 the tensor cores' operands. From 17 to 128 tokens the fused kernel of
 `fused_4bit` decodes in registers and multiplies on the tensor cores
-through shared memory; on sm_90 (H100, H200), from 65 to 256 tokens,
+through shared memory; on sm_90 (H100, H200), from 17 to 256 tokens,
 `wgmma_4bit` decodes into the register operand of asynchronous warpgroup
 MMAs instead. Beyond, a Triton kernel decodes the whole layer once and
 cuBLAS multiplies, as vLLM's AWQ path does for large batches. All four decode
@@ -46,7 +46,7 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 FUSED_TOKENS = (2, 128)
 # The token counts for which `wgmma_4bit` (sm_90 only) beats the fused
 # kernel and decoding once and cuBLAS (docs/benchmarks.md, section 5).
-WGMMA_TOKENS = (65, 256)
+WGMMA_TOKENS = (17, 256)
 # Where the fused kernel does not apply (blocks of 32, float16 activations):
 # below this many tokens bitsandbytes' kernels are faster.
 MIN_TRITON_TOKENS = 4

@@ -23,12 +23,13 @@ made to prove (`assert_trivial`).
 Gluon kernels are compiled for a GPU; Triton's interpreter cannot run them,
 so the CPU checks compile this kernel for sm_90 and inspect the machine
 code, and the GPU checks compare it with bitsandbytes. `triton_4bit.matmul`
-calls it from 65 to 256 tokens, where it was measured to beat the fused
-kernel and decoding once: programs of 256 tokens and 128 rows, one per
-multiprocessor, where they fill the GPU (gate/up: each weight decoded
-once), else programs of 128 tokens and 64 rows, two per multiprocessor
-(`launch_config`); `benchmarks/gpu_4bit.py` times it at every batch as its
-``wgmma`` side.
+calls it from 17 to 256 tokens, where it was measured to beat the fused
+kernel and decoding once: programs of 64 tokens and 64 rows, two per
+multiprocessor, up to 64 tokens; beyond, programs of 256 tokens and 128
+rows, one per multiprocessor, where they fill the GPU (gate/up: each
+weight decoded once), else programs of 128 tokens and 64 rows, two per
+multiprocessor (`launch_config`); `benchmarks/gpu_4bit.py` times it at
+every batch as its ``wgmma`` side.
 """
 
 import torch
@@ -73,6 +74,7 @@ _REGISTERS = 64 * 1024
 # multiprocessor (`launch_config`).
 WIDE = (256, 8, 1)
 NARROW = (128, 4, 2)
+SMALL = (64, 4, 2)
 # The fewest steps of a range of K when the kernel splits K.
 MIN_SPLIT_STEPS = 8
 
@@ -361,11 +363,14 @@ def launch_config(
     weight: MergedWeight, tokens: int, device: torch.device
 ) -> tuple[int, int, int]:
     """Tokens per program, warps (16 weight rows each) and programs per
-    multiprocessor, the fastest of a sweep on an H100 at Llama-3-8B shapes
-    (docs/benchmarks.md, section 5): `WIDE` where its tiles cover every
-    multiprocessor beyond 128 tokens (gate/up: each weight decoded once),
-    `NARROW` elsewhere (the smaller layers, and every layer up to 128
-    tokens: four times the tiles, two programs to a multiprocessor)."""
+    multiprocessor, the fastest of sweeps on an H100 at Llama-3-8B shapes
+    (docs/benchmarks.md, section 5): `SMALL` up to its 64 tokens (no
+    padding to 128), `WIDE` where its tiles cover every multiprocessor
+    beyond 128 tokens (gate/up: each weight decoded once), `NARROW`
+    elsewhere (the smaller layers, and every layer from 65 to 128 tokens:
+    four times the tiles, two programs to a multiprocessor)."""
+    if tokens <= SMALL[0]:
+        return SMALL
     block_t, num_warps, per_processor = WIDE
     row_tiles, token_tiles = _tiles(weight.state.shape[0], tokens, block_t, num_warps)
     fills_the_gpu = row_tiles * token_tiles >= per_processor * _processors(device)
