@@ -196,7 +196,7 @@ def main(argv=None):
             f"wgmma, {config[0]} tokens, {config[1]} warps",
             compile_wgmma(args.arch, config, 2),
         )
-        for config in (wgmma_4bit.WIDE, wgmma_4bit.NARROW, wgmma_4bit.SMALL)
+        for config in wgmma_4bit.CONFIGS
     ]
     for label, (kernel, weights_per_thread) in kernels:
         loop = main_loop(get_sass(kernel.asm["cubin"]))

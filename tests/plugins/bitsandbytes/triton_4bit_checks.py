@@ -585,7 +585,7 @@ def test_wgmma_matches_float32_reference(layers, tokens, split):
 
 @on_hopper
 @pytest.mark.parametrize("split", [None, 2])
-@pytest.mark.parametrize("config", [wgmma_4bit.WIDE, wgmma_4bit.NARROW, wgmma_4bit.SMALL], ids=str)
+@pytest.mark.parametrize("config", wgmma_4bit.CONFIGS, ids=str)
 def test_wgmma_multiplies_by_the_exact_weights(layers, config, split):
     """One-hot rows of x pick single weights: every slot of the gathered
     activations and of the decoded operand lands where the other expects

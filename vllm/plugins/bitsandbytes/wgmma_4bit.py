@@ -75,6 +75,7 @@ _REGISTERS = 64 * 1024
 WIDE = (256, 8, 1)
 NARROW = (128, 4, 2)
 SMALL = (64, 4, 2)
+CONFIGS = (WIDE, NARROW, SMALL)
 # The fewest steps of a range of K when the kernel splits K.
 MIN_SPLIT_STEPS = 8
 
@@ -363,12 +364,12 @@ def launch_config(
     weight: MergedWeight, tokens: int, device: torch.device
 ) -> tuple[int, int, int]:
     """Tokens per program, warps (16 weight rows each) and programs per
-    multiprocessor, the fastest of sweeps on an H100 at Llama-3-8B shapes
-    (docs/benchmarks.md, section 5): `SMALL` up to its 64 tokens (no
-    padding to 128), `WIDE` where its tiles cover every multiprocessor
-    beyond 128 tokens (gate/up: each weight decoded once), `NARROW`
-    elsewhere (the smaller layers, and every layer from 65 to 128 tokens:
-    four times the tiles, two programs to a multiprocessor)."""
+    multiprocessor, the fastest of sweeps on an H100 and an H200 at
+    Llama-3-8B shapes (docs/benchmarks.md, section 5): `SMALL` up to its
+    64 tokens (no padding to 128), `WIDE` where its tiles cover every
+    multiprocessor beyond 128 tokens (gate/up: each weight decoded once),
+    `NARROW` elsewhere (the smaller layers, and every layer from 65 to 128
+    tokens: four times the tiles, two programs to a multiprocessor)."""
     if tokens <= SMALL[0]:
         return SMALL
     block_t, num_warps, per_processor = WIDE
